@@ -1,0 +1,61 @@
+"""Every error dropgate raises on purpose; the message is the operator's one-line explanation."""
+
+from __future__ import annotations
+
+
+class DropgateError(Exception):
+    """Root of dropgate's own errors."""
+
+
+class ConfigError(DropgateError):
+    """The configuration is invalid; the message lists every problem with its key path."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(problems))
+
+
+class DaemonUnreachable(DropgateError):
+    """The command needs the running daemon and none answers on the control socket."""
+
+
+class AlreadyRunning(DropgateError):
+    """Another daemon holds the lock on this state folder."""
+
+
+class ControlRefused(DropgateError):
+    """The daemon refused an operator command (the message says why)."""
+
+
+class StepFailed(DropgateError):
+    """A step could not do its work; the run goes to its failure path."""
+
+
+class ArchiveRejected(StepFailed):
+    """The archive is not acceptable (authentication, format, limits, versions, policy)."""
+
+
+class PrereqFailed(StepFailed):
+    """A critical prerequisite of the machine or the platform is not met."""
+
+
+class StepTimeout(StepFailed):
+    """A step ran past its time limit."""
+
+
+class StepAborted(StepFailed):
+    """A step was stopped from outside (shutdown or abort) before it finished."""
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+class CommandFailed(StepFailed):
+    """A configured command or hook exited non-zero."""
+
+
+class RollbackFailed(DropgateError):
+    """Putting the platform back as it was did not fully succeed."""

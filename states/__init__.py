@@ -1,0 +1,1 @@
+"""One module per step; each exposes `run(ctx)`, optional steps also `required(config, facts)`."""
