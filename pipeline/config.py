@@ -108,6 +108,9 @@ class Platform(_Section):
     data: list[Path] = []
     keep_releases: int = Field(default=3, ge=1)
     services: Services = Services()
+    # How apply runs a migration or hook by its suffix, e.g. {".sql": [psql, -v, ON_ERROR_STOP=1, -f]}:
+    # the file's path is appended. Without a runner, an executable file or one with a #! line runs as is.
+    migration_runners: dict[str, Command] = {}
 
 
 class Trust(_Section):
@@ -166,6 +169,7 @@ class Verify(_Section):
     commands: list[Command] = []
     interval_seconds: float = Field(default=2.0, gt=0)
     soak_seconds: Duration = 0.0
+    command_timeout: Duration = 60.0  # one check command running longer than this fails the pass
 
 
 class Timeouts(_Section):
