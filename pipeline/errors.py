@@ -57,5 +57,5 @@ class CommandFailed(StepFailed):
     """A configured command or hook exited non-zero."""
 
 
-class RollbackFailed(DropgateError):
+class RollbackFailed(StepFailed):
     """Putting the platform back as it was did not fully succeed."""
