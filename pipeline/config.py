@@ -138,6 +138,9 @@ class Prereq(_Section):
     min_memory_gib: float = Field(default=8.0, gt=0)
     recommended_memory_gib: float = Field(default=16.0, gt=0)
     min_free_percent: float = Field(default=30.0, ge=0, le=100)
+    # The bytes an update writes on a filesystem (release, backup) are raised by
+    # this share before they are compared with its free space (dumps, logs, growth).
+    free_margin_percent: float = Field(default=10.0, ge=0)
 
 
 class Dump(_Section):
