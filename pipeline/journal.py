@@ -206,14 +206,16 @@ class Journal:
                 raise JournalError(f"cannot read the journal {self.path}: {error}") from error
 
     # -- writes ----------------------------------------------------------
-    def add_run(self, archive: str, path: Path, *, arrived: float, retry_of: int | None = None) -> int:
+    def add_run(self, archive: str, *, spool: Path, arrived: float, retry_of: int | None = None) -> int:
+        """Record a new queued run; its archive's place is `spool/<id>/<archive>`."""
         with self._transaction() as db:
             cursor = db.execute(
-                "INSERT INTO runs (archive, path, arrived, retry_of) VALUES (?, ?, ?, ?)",
-                (archive, str(path), arrived, retry_of),
+                "INSERT INTO runs (archive, path, arrived, retry_of) VALUES (?, '', ?, ?)",
+                (archive, arrived, retry_of),
             )
             run_id = cursor.lastrowid
-        assert run_id is not None
+            assert run_id is not None
+            db.execute("UPDATE runs SET path = ? WHERE id = ?", (str(spool / str(run_id) / archive), run_id))
         return run_id
 
     def next_run_id(self) -> int:

@@ -1,0 +1,210 @@
+"""The control socket: how `approve`, `retry`, `rollback` and `resolve` reach the daemon.
+
+A Unix stream socket in the state folder, mode 0660, group `control.admin_group`;
+the peer's credentials are checked again on every connection (root, the
+daemon's own user, or a member of the admin group). One JSON request per
+connection, one JSON answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, config_path, load_config
+from pipeline.errors import ControlRefused, DaemonUnreachable
+
+log = logging.getLogger("dropgate")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[dict[str, Any], str], str]
+
+
+def socket_path(config: Config) -> Path:
+    return config.paths.state / SOCKET_NAME
+
+
+def _peer(conn: socket.socket) -> tuple[int, int, int]:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+class ControlServer(threading.Thread):
+    def __init__(self, config: Config, handler: Handler) -> None:
+        super().__init__(name="dropgate-control", daemon=True)
+        self.path = socket_path(config)
+        self.group = config.control.admin_group
+        self.handler = handler
+        self._stop = threading.Event()
+        self._gid: int | None = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def bind(self) -> None:
+        """Create the socket (we hold the daemon lock, so a leftover one is stale)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o117)
+        try:
+            self.sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        try:
+            self._gid = grp.getgrnam(self.group).gr_gid
+            os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, 0o660)
+        except KeyError:
+            os.chmod(self.path, 0o600)
+            log.warning("control: group %r does not exist; only root and this user may use the control socket", self.group)
+        self.sock.listen(16)
+        self.sock.settimeout(0.5)
+
+    def _allowed(self, uid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        if self._gid is None:
+            return False
+        try:
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return user.pw_gid == self._gid or user.pw_name in grp.getgrgid(self._gid).gr_mem
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="dropgate-control-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            pid, uid, _ = _peer(conn)
+            who = f"{_user_name(uid)} (pid {pid})"
+            if not self._allowed(uid):
+                self._answer(conn, False, f"{_user_name(uid)} may not control dropgate (need root or group {self.group})")
+                return
+            try:
+                request = self._read(conn)
+                message = self.handler(request, who)
+            except ControlRefused as refused:
+                self._answer(conn, False, str(refused))
+                return
+            except (ValueError, KeyError) as error:
+                self._answer(conn, False, f"bad request: {error}")
+                return
+            except Exception as error:
+                log.exception("control: %s failed", who)
+                self._answer(conn, False, f"the daemon could not do it: {error}")
+                return
+            self._answer(conn, True, message)
+
+    @staticmethod
+    def _read(conn: socket.socket) -> dict[str, Any]:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise ValueError("request too long")
+        request = json.loads(data)
+        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+            raise ValueError("expected {\"command\": ...}")
+        return request
+
+    @staticmethod
+    def _answer(conn: socket.socket, ok: bool, message: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"ok": ok, "message": message}).encode() + b"\n")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def send(config: Config, request: dict[str, Any], *, timeout: float | None = 30.0) -> tuple[bool, str]:
+    """Send one request to the running daemon; DaemonUnreachable when none answers."""
+    path = socket_path(config)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as error:
+        sock.close()
+        raise DaemonUnreachable(
+            f"the dropgate daemon is not running (nothing answers on {path}); start it (systemctl start dropgate) and try again"
+        ) from error
+    except PermissionError as error:
+        sock.close()
+        raise DaemonUnreachable(
+            f"no permission to use {path}: run as root or as a member of group {config.control.admin_group}"
+        ) from error
+    with sock:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise DaemonUnreachable(f"the daemon closed {path} without answering (is it stopping?)")
+    answer = json.loads(data)
+    return bool(answer["ok"]), str(answer["message"])
+
+
+def _command(args: argparse.Namespace, request: dict[str, Any], *, timeout: float | None = 30.0) -> int:
+    config = load_config(config_path(args.config))
+    ok, message = send(config, request, timeout=timeout)
+    if ok:
+        print(message)
+    else:
+        print(f"dropgate: {message}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _command(args, {"command": "approve", "id": args.id})
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _command(args, {"command": "retry", "id": args.id})
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    return _command(args, {"command": "resolve", "id": args.id, "note": args.note})
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    # A rollback can take as long as a restore: wait for its answer without a time limit.
+    return _command(args, {"command": "rollback", "id": args.id}, timeout=None)

@@ -1,0 +1,99 @@
+"""The metrics listener: `/metrics`, `/status.json`, `/history.json` and the status page `/`.
+
+Read-only by construction: the handler answers GET and HEAD only. Bound to
+`metrics.listen` (loopback by default); TLS when `metrics.tls` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pipeline.config import Config
+
+log = logging.getLogger("dropgate")
+
+StatusSource = Callable[[], dict[str, Any]]
+HistorySource = Callable[[], list[dict[str, Any]]]
+
+
+def _page() -> bytes:
+    return resources.files("pipeline").joinpath("status.html").read_bytes()
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class StatusServer(threading.Thread):
+    def __init__(
+        self, config: Config, registry: CollectorRegistry, status: StatusSource, history: HistorySource
+    ) -> None:
+        super().__init__(name="dropgate-http", daemon=True)
+        page = _page()
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "dropgate"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("http: " + format, *args)
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                    elif path == "/status.json":
+                        self._send(200, json.dumps(status(), default=str).encode(), "application/json")
+                    elif path == "/history.json":
+                        self._send(200, json.dumps(history(), default=str).encode(), "application/json")
+                    elif path in ("/", "/index.html"):
+                        self._send(200, page, "text/html; charset=utf-8")
+                    else:
+                        self._send(404, b"not found\n", "text/plain")
+                except Exception:
+                    log.exception("http: %s failed", path)
+                    self._send(500, b"internal error\n", "text/plain")
+
+            do_HEAD = do_GET  # noqa: N815
+
+        host, port = config.listen_address
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host, port), Handler)
+        self.httpd.daemon_threads = True
+        if config.metrics.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(config.metrics.tls.cert, config.metrics.tls.key)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def run(self) -> None:
+        self.httpd.serve_forever(poll_interval=0.5)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
