@@ -1,0 +1,195 @@
+"""Step `verify` (SPEC 5.6): the new release proves itself, then the platform returns to service.
+
+The configured checks (HTTP status, body text, the version the platform
+reports; commands) are retried every `verify.interval_seconds` until they all
+pass or the step's time limit ends the step. Then maintenance is left (if this
+run entered it), the checks must pass again with the platform in service, and
+for `verify.soak_seconds` after that. Only then are releases beyond
+`platform.keep_releases` pruned: the live and the previous release never are.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+from pipeline.config import Config, HttpCheck
+from pipeline.context import StepContext
+from pipeline.errors import CommandFailed, StepFailed, StepTimeout
+from pipeline.process import CancelToken, run_command
+from pipeline.release import current_release, prune_releases
+from states import maintenance
+
+
+def _reported_version(response: httpx.Response, expected: str) -> str | None:
+    """The version an answer reports: a JSON `version` field, else the expected version as a word of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "version" in body:
+        return str(body["version"])
+    if re.search(rf"(?<![\w.]){re.escape(expected)}(?![\w.])", response.text):
+        return expected
+    return None
+
+
+def _check_http(client: httpx.Client, check: HttpCheck, expected_version: str | None) -> str | None:
+    try:
+        response = client.get(check.url, timeout=check.timeout_seconds)
+    except httpx.HTTPError as error:
+        return f"GET {check.url}: no answer ({error or type(error).__name__})"
+    if response.status_code != check.status:
+        return f"GET {check.url}: status {response.status_code}, expected {check.status}"
+    if check.contains is not None and check.contains not in response.text:
+        return f"GET {check.url}: the answer does not contain {check.contains!r}"
+    if check.version and expected_version is not None:
+        reported = _reported_version(response, expected_version)
+        if reported is None:
+            return f"GET {check.url}: reports no version, expected {expected_version}"
+        if reported != expected_version:
+            return f"GET {check.url}: reports version {reported}, expected {expected_version}"
+    return None
+
+
+def check_platform(
+    config: Config,
+    *,
+    expected_version: str | None,
+    log: Callable[[str], None],
+    env: Mapping[str, str] | None = None,
+    deadline: float | None = None,
+    cancel: CancelToken | None = None,
+    now: Callable[[], float] = time.time,
+) -> list[str]:
+    """One pass of every configured check; the failures as one-line messages (empty: healthy).
+
+    `expected_version` None skips the version comparison. Each command may run
+    `verify.command_timeout` at most (and never past `deadline`, which raises
+    StepTimeout like any step command).
+    """
+    failures: list[str] = []
+    with httpx.Client(trust_env=False, follow_redirects=False) as client:
+        for check in config.verify.http:
+            failure = _check_http(client, check, expected_version)
+            if failure is not None:
+                log(f"check failed: {failure}")
+                failures.append(failure)
+    commands = config.verify.commands
+    for index, command in enumerate(commands, start=1):
+        cap = now() + config.verify.command_timeout
+        limit = cap if deadline is None else min(cap, deadline)
+        what = f"check {index}/{len(commands)}"
+        try:
+            result = run_command(
+                command, log=log, what=what, env=env, deadline=limit, cancel=cancel, check=False, now=now
+            )
+        except StepTimeout:
+            if deadline is not None and now() >= deadline:
+                raise
+            failures.append(f"{command.describe()}: still running after {config.verify.command_timeout:g}s, killed")
+            continue
+        except CommandFailed as error:
+            failures.append(str(error))
+            continue
+        if result.returncode != 0:
+            failures.append(f"{command.describe()}: exit code {result.returncode}, expected 0")
+    return failures
+
+
+def _until_healthy(ctx: StepContext, phase: str, low: float, high: float) -> int:
+    """Repeat the checks every interval until they pass; the number of attempts. Progress stays in [low, high)."""
+    config = ctx.config
+    interval = config.verify.interval_seconds
+    started = ctx.now()
+    attempt = 0
+    failures: list[str] = []
+    try:
+        while True:
+            attempt += 1
+            failures = check_platform(
+                config,
+                expected_version=ctx.facts.get("to_version"),
+                log=ctx.log,
+                env=ctx.environment(),
+                deadline=ctx.deadline,
+                cancel=ctx.cancel,
+                now=ctx.now,
+            )
+            if not failures:
+                return attempt
+            if attempt == 1:
+                ctx.event(f"{phase}: not healthy yet ({failures[0]}); checking every {interval:g}s")
+            share = 0.0
+            if ctx.deadline is not None and ctx.deadline > started:
+                share = min(1.0, (ctx.now() - started) / (ctx.deadline - started))
+            ctx.progress(low + (high - low) * 0.99 * share, f"{phase}: attempt {attempt}, {len(failures)} failing")
+            ctx.wait(interval)
+    except StepTimeout:
+        summary = failures[0] if failures else "a check was still running"
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise StepTimeout(
+            f"verify: {phase}: still failing at the step's time limit after {attempt} attempts: {summary}{more}"
+        ) from None
+
+
+def _soak(ctx: StepContext, low: float, high: float) -> None:
+    """The checks must keep passing for `verify.soak_seconds` with the platform in service."""
+    config = ctx.config
+    seconds = config.verify.soak_seconds
+    started = ctx.now()
+    end = started + seconds
+    ctx.event(f"soak: the checks must keep passing for {seconds:g}s")
+    while (left := end - ctx.now()) > 0:
+        ctx.wait(min(config.verify.interval_seconds, left))
+        failures = check_platform(
+            config,
+            expected_version=ctx.facts.get("to_version"),
+            log=ctx.log,
+            env=ctx.environment(),
+            deadline=ctx.deadline,
+            cancel=ctx.cancel,
+            now=ctx.now,
+        )
+        if failures:
+            raise StepFailed(f"verify: {failures[0]} during the soak, {ctx.now() - started:.0f}s in")
+        ctx.progress(low + (high - low) * min(1.0, (ctx.now() - started) / seconds), "soak")
+    ctx.event(f"soak passed: {seconds:g}s healthy in service")
+
+
+def _prune(ctx: StepContext) -> None:
+    root = ctx.config.platform.root
+    previous = ctx.facts.get("previous_release")
+    protect = [current_release(root), Path(previous) if previous else None]
+    try:
+        removed = prune_releases(root, ctx.config.platform.keep_releases, protect)
+    except OSError as error:
+        ctx.event(f"could not prune old releases in {root / 'releases'}: {error}")
+        return
+    if removed:
+        ctx.event(f"pruned old releases: {', '.join(removed)} (keeping {ctx.config.platform.keep_releases})")
+
+
+def run(ctx: StepContext) -> None:
+    config = ctx.config
+    count = len(config.verify.http) + len(config.verify.commands)
+    if count == 0:
+        ctx.event("no checks configured (verify.http, verify.commands): nothing proves the new release")
+    ctx.progress(0.0, "checking the new release")
+    attempts = _until_healthy(ctx, "checks", 0.0, 0.5)
+    ctx.event(f"healthy: {count} check{'s' if count != 1 else ''} passed (attempt {attempts})")
+    ctx.progress(0.5, "checks passed")
+    if ctx.facts.get("maintenance_since") is not None:
+        maintenance.leave(ctx)
+        ctx.progress(0.6, "in service again")
+        attempts = _until_healthy(ctx, "in service", 0.6, 0.7)
+        if attempts > 1:
+            ctx.event(f"healthy in service (attempt {attempts})")
+    if config.verify.soak_seconds > 0:
+        _soak(ctx, 0.7, 0.95)
+    _prune(ctx)
+    ctx.progress(1.0, "verified")
