@@ -9,7 +9,6 @@ what was found against what is required. The thresholds come from
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -23,6 +22,7 @@ from pipeline.errors import PrereqFailed
 from pipeline.probes import DiskUsage, Probe, SystemProbe
 from pipeline.release import installed_version
 from pipeline.versions import Version
+from states.verify import check_platform
 
 Level = Literal["ok", "notice", "critical"]
 LEVELS: tuple[Level, ...] = ("ok", "notice", "critical")
@@ -364,13 +364,11 @@ def check_version(config: Config, manifest: Mapping[str, Any] | None) -> Check:
     return Check("version", "ok", f"{installed} installed, the archive {floor}")
 
 
-def check_health(config: Config, health: HealthCheck | None) -> Check:
+def check_health(config: Config, health: HealthCheck) -> Check:
     """The configured health checks pass on the current release before anything starts."""
     installed = installed_version(config.platform.root)
     if not config.verify.http and not config.verify.commands:
         return Check("health", "notice", "no health checks configured (verify.http, verify.commands): not checked")
-    if health is None:
-        return Check("health", "notice", "the health checks are not available in this build: not checked")
     failures = health(config, installed)
     count = len(config.verify.http) + len(config.verify.commands)
     if failures:
@@ -381,19 +379,28 @@ def check_health(config: Config, health: HealthCheck | None) -> Check:
     return Check("health", "ok", f"{checks} pass on {installed or 'the platform'}")
 
 
-def platform_health(log: Callable[[str], None] = lambda _line: None) -> HealthCheck | None:
-    """The verify step's one-pass health check, or None when this build has none."""
-    try:
-        verify = importlib.import_module("states.verify")
-    except ImportError:
-        return None
-    check_platform = getattr(verify, "check_platform", None)
-    if check_platform is None:
-        return None
+def platform_health(log: Callable[[str], None] = lambda _line: None) -> HealthCheck:
+    """The verify step's one pass of every configured check, outside a run (preflight)."""
 
     def run(config: Config, expected_version: str | None) -> list[str]:
-        failures: list[str] = check_platform(config, expected_version=expected_version, log=log)
-        return failures
+        return check_platform(config, expected_version=expected_version, log=log)
+
+    return run
+
+
+def step_health(ctx: StepContext) -> HealthCheck:
+    """The same pass inside the step: its log, environment, time limit and cancellation."""
+
+    def run(config: Config, expected_version: str | None) -> list[str]:
+        return check_platform(
+            config,
+            expected_version=expected_version,
+            log=ctx.log,
+            env=ctx.environment(),
+            deadline=ctx.deadline,
+            cancel=ctx.cancel,
+            now=ctx.now,
+        )
 
     return run
 
@@ -426,8 +433,8 @@ def evaluate(
 
     `release_on_disk` says the release is already staged (the step, after
     validate); otherwise the release's size counts as needed on the platform's
-    filesystem (preflight). `health` is the one-pass platform check (None: not
-    available, shown as a notice).
+    filesystem (preflight). `health` is the one-pass platform check (default:
+    the verify step's, run outside a step).
     """
     probe = probe if probe is not None else SystemProbe()
     limits, checks = effective_thresholds(config, manifest_requirements(manifest))
@@ -441,7 +448,8 @@ def evaluate(
         extra_bytes=limits.free_bytes,
     )
     checks += check_filesystems(systems, limits)
-    checks.append(check_health(config, health))
+    one_pass = health if health is not None else platform_health()
+    checks.append(check_health(config, one_pass))
     return checks, systems, limits
 
 
@@ -463,7 +471,7 @@ def run(
         manifest=ctx.facts.get("manifest"),
         release_on_disk=True,
         probe=probe,
-        health=health if health is not None else platform_health(ctx.log),
+        health=health if health is not None else step_health(ctx),
         estimate_backup=estimate_backup,
     )
     checks.append(Check("single_run", "ok", "runs are processed one at a time: this is the only active run"))
