@@ -1,0 +1,123 @@
+"""The configuration: typed, every problem named by its key path, the example documents every key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipeline.config import Config, ConfigError, load_config, parse_config, parse_duration
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "dropgate.example.yaml"
+
+
+def minimal(**extra: Any) -> dict[str, Any]:
+    return {"platform": {"product": "gts", "root": "/srv/gts"}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("4h", 14400), ("1d", 86400), (30, 30), ("2.5s", 2.5), ("500ms", 0.5)],
+)
+def test_durations_accept_the_documented_forms(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> None:
+    # Given a configuration with four different mistakes
+    raw = {
+        "platform": {"root": "/srv", "prodcut": "gts"},
+        "policy": {"on_failure": "retry", "timeouts": {"apply": "soon"}},
+        "verify": {"commands": ["echo ok"]},
+    }
+    # When it is validated
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base=tmp_path)
+    # Then each is named with its key path
+    problems = caught.value.problems
+    assert "platform.product: required key is missing" in problems
+    assert "platform.prodcut: unknown key" in problems
+    assert any(p.startswith("policy.on_failure: Input should be 'rollback' or 'hold'") for p in problems)
+    assert any(p.startswith("policy.timeouts.apply: expected a duration") for p in problems)
+    assert any(p.startswith("verify.commands[0]: expected a list of arguments") for p in problems)
+
+
+def test_a_shell_string_is_only_accepted_when_written_as_shell(tmp_path: Path) -> None:
+    config = parse_config(
+        minimal(platform={"product": "gts", "root": "/srv", "services": {"stop": [["systemctl", "stop", "gts"], {"shell": "a | b"}]}}),
+        base=tmp_path,
+    )
+    stop = config.platform.services.stop
+    assert stop[0].argv == ("systemctl", "stop", "gts") and stop[0].shell is None
+    assert stop[1].shell == "a | b" and stop[1].argv == ()
+
+
+def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
+    config = parse_config(minimal(paths={"inbox": "in"}), base=tmp_path)
+    assert config.paths.inbox == tmp_path / "in"
+    assert config.platform.root == Path("/srv/gts")
+
+
+def test_windows_must_be_well_formed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"policy.windows: .*'Mon 7' is not like 'Mon-Tue 07:00-12:00'"):
+        parse_config(minimal(policy={"windows": ["Mon 7"]}), base=tmp_path)
+
+
+def test_the_example_config_loads_and_documents_every_key(tmp_path: Path) -> None:
+    # The example is the operator's reference: it must load, and name every key of the schema.
+    config = load_config(EXAMPLE)
+    assert config.platform.product
+    text = EXAMPLE.read_text()
+    raw = yaml.safe_load(text)
+
+    def keys_of(model: type[BaseModel], prefix: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            key = field.alias or name
+            found.append(prefix + key)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found += keys_of(annotation, prefix + key + ".")
+        return found
+
+    def present(path: str) -> bool:
+        node: Any = raw
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = [key for key in keys_of(Config, "") if not present(key) and f"# {key.rsplit('.', 1)[-1]}:" not in text]
+    assert not missing, f"keys not documented in {EXAMPLE.name}: {missing}"
+
+
+def test_a_bad_config_stops_the_daemon_with_exit_2_naming_the_key(tmp_path: Path) -> None:
+    # Given a config with an unknown key and a bad duration
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(minimal(inbox={"settle_seconds": 2, "rescan_every": 5}, policy={"timeouts": {"apply": "x"}})))
+    # When the daemon is started with it
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(path), "run"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    # Then it stops with exit code 2 and names both keys
+    assert result.returncode == 2
+    assert "inbox.rescan_every: unknown key" in result.stderr
+    assert "policy.timeouts.apply: expected a duration" in result.stderr
+
+
+def test_a_missing_config_file_is_a_configuration_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(tmp_path / "nope.yaml"), "status"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "nope.yaml: cannot read the configuration" in result.stderr
