@@ -10,7 +10,6 @@ what was found against what is required. The thresholds come from
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.context import StepContext
 from pipeline.errors import PrereqFailed
 from pipeline.probes import DiskUsage, Probe, SystemProbe
 from pipeline.release import installed_version
+from pipeline.snapshot import estimate_snapshot, latest_snapshot
 from pipeline.versions import Version
 from states.verify import check_platform
 
@@ -294,34 +294,28 @@ def _floor(percent: float) -> float:
 
 
 def estimate_backup_bytes(config: Config) -> int:
-    """The worst case of the next snapshot: every byte of the platform's data paths.
+    """The space the next snapshot needs on the backups filesystem (the backup step's own estimate).
 
-    Snapshots after the first share unchanged files with the previous one, so
-    the real cost is usually far less; dump commands come on top and are
-    covered by the margin.
+    Files unchanged since the last verified snapshot are shared with it and cost
+    nothing; the dumps are counted at the size they had last time. Data paths
+    that do not exist are left out (the `data_paths` check reports them).
     """
-    return sum(tree_bytes(path) for path in config.platform.data)
+    previous = latest_snapshot(config.paths.backups)
+    sources = [path for path in config.platform.data if os.path.lexists(path)]
+    dump_bytes = sum(previous.dumps.values()) if previous is not None else 0
+    estimate = estimate_snapshot(sources, previous.path if previous is not None else None, dump_bytes=dump_bytes)
+    return estimate.need_bytes
 
 
-def tree_bytes(root: Path) -> int:
-    """The size of the regular files under `root` (symlinks not followed; vanished files skipped)."""
-    total = 0
-    pending = [root]
-    while pending:
-        path = pending.pop()
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(info.st_mode):
-            total += info.st_size
-        elif stat.S_ISDIR(info.st_mode):
-            try:
-                with os.scandir(path) as entries:
-                    pending.extend(Path(entry.path) for entry in entries)
-            except FileNotFoundError:
-                continue
-    return total
+def check_data_paths(config: Config) -> list[Check]:
+    """Every configured data path exists (else the backup would fail after the run has started)."""
+    missing = [str(path) for path in config.platform.data if not os.path.lexists(path)]
+    if missing:
+        return [Check("data_paths", "critical", f"missing, the backup would fail: {', '.join(missing)}")]
+    if not config.platform.data:
+        return [Check("data_paths", "notice", "platform.data is empty: the backup will hold the dumps only")]
+    count = len(config.platform.data)
+    return [Check("data_paths", "ok", f"{count} data path{'s' if count != 1 else ''} to back up, all present")]
 
 
 # -- the platform ----------------------------------------------------------
@@ -448,6 +442,7 @@ def evaluate(
         extra_bytes=limits.free_bytes,
     )
     checks += check_filesystems(systems, limits)
+    checks += check_data_paths(config)
     one_pass = health if health is not None else platform_health()
     checks.append(check_health(config, one_pass))
     return checks, systems, limits

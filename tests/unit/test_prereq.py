@@ -19,7 +19,7 @@ from pipeline.errors import PrereqFailed
 from pipeline.probes import DiskUsage
 from pipeline.release import release_dir, switch_current
 from states import prereq
-from states.prereq import GIB, Check, evaluate, format_bytes
+from states.prereq import GIB, Check, estimate_backup_bytes, evaluate, format_bytes
 
 ROOMY = DiskUsage(total=100 * GIB, free=60 * GIB, device=1, mount="/")
 
@@ -170,17 +170,33 @@ def test_each_filesystem_is_checked_once_with_its_roles(tmp_path: Path) -> None:
 
 
 def test_backup_that_does_not_fit_is_critical(tmp_path: Path) -> None:
-    # Given 4000 bytes of platform data and a backups filesystem (40 % free) with only 4 KiB free
+    # Given platform data and a backups filesystem (40 % free) with 40 KiB free
     config = make_site(tmp_path)
-    tiny = DiskUsage(total=10_240, free=4096, device=3, mount="/backup")
+    tiny = DiskUsage(total=100 * 1024, free=40 * 1024, device=3, mount="/backup")
     machine = Machine(disks={config.paths.backups: tiny})
+    backup = estimate_backup_bytes(config)  # the backup step's own estimate: blocks, folders, manifest
+    assert backup * 1.1 > 40 * 1024
     # When the prerequisites are checked
     checks = run_checks(config, machine)
-    # Then the backup (the data's size, plus the margin) is found not to fit
+    # Then the backup (plus the margin) is found not to fit
     needed = [c for c in checks if c.name == "disk_needed" and c.subject == "/backup"]
     assert len(needed) == 1
     assert needed[0].level == "critical"
-    assert needed[0].message == "needs 4.3 KiB (backup 3.9 KiB + 10 % margin), only 4 KiB free"
+    assert needed[0].message == (
+        f"needs {format_bytes(int(backup * 1.1))} (backup {format_bytes(backup)} + 10 % margin), only 40 KiB free"
+    )
+
+
+def test_missing_data_path_is_critical(tmp_path: Path) -> None:
+    # Given a configured data path that does not exist
+    config = make_site(tmp_path)
+    (tmp_path / "data" / "records.db").unlink()
+    (tmp_path / "data").rmdir()
+    # When the prerequisites are checked
+    check = by_name(run_checks(config, Machine()), "data_paths")
+    # Then the run would be rejected before the backup could fail
+    assert check.level == "critical"
+    assert check.message == f"missing, the backup would fail: {tmp_path / 'data'}"
 
 
 def test_release_size_counts_on_the_platform_filesystem_before_it_is_staged(tmp_path: Path) -> None:
@@ -264,7 +280,8 @@ def test_archive_free_bytes_requirement_counts_on_the_platform_filesystem(tmp_pa
     )
     needed = by_name(checks, "disk_needed")
     assert needed.level == "critical"
-    assert needed.message.startswith("needs 55 GiB (archive requirement 50 GiB + backup 3.9 KiB + 10 % margin)")
+    assert needed.message.startswith("needs 55 GiB (archive requirement 50 GiB + backup ")
+    assert needed.message.endswith(" + 10 % margin), only 40 GiB free")
 
 
 # -- versions and health -------------------------------------------------------
