@@ -464,8 +464,9 @@ def probe_space(path: Path) -> Space:
 class _Copier:
     """Copies one file and hashes it in the same pass; clones (FICLONE) where the filesystem can."""
 
-    def __init__(self, reflink: bool) -> None:
+    def __init__(self, reflink: bool, write: Callable[[int, memoryview], int] = os.write) -> None:
         self.reflink = reflink
+        self.write = write
         self._local = threading.local()
         self._lock = threading.Lock()
         self.cloned = 0
@@ -539,7 +540,7 @@ class _Copier:
             chunk = view[:n]
             digest.update(chunk)
             while chunk:
-                written = os.write(fo, chunk)
+                written = self.write(fo, chunk)
                 chunk = chunk[written:]
 
 
@@ -592,13 +593,15 @@ def take_snapshot(
     workers: int | None = None,
     reflink: bool = True,
     durable: bool = True,
+    write: Callable[[int, memoryview], int] = os.write,
     now: Callable[[], float] = time.time,
 ) -> SnapshotInfo:
     """Snapshot every path of `sources` (and each dump) into `dest`, verified, sharing unchanged files.
 
     Checks first that the space is there (NoSpace naming the folder and the missing
     bytes, before anything is written); builds the snapshot in a partial folder that
-    any failure removes (a full disk raises NoSpace naming the file being copied);
+    any failure removes (a full disk raises NoSpace naming the file being copied;
+    `write` is the one call that writes file content, for tests without a small filesystem);
     verifies it (every entry's stat, and the hash of every file written now; shared
     files were verified when first written); syncs it to disk; renames it into place.
     """
@@ -647,6 +650,7 @@ def take_snapshot(
             workers=workers,
             reflink=reflink,
             space=space,
+            write=write,
         )
         fresh = set(summary.pop("_fresh"))
         _check_verified(partial, verify_snapshot(partial, fresh_only=fresh, checkpoint=checkpoint))
@@ -685,11 +689,12 @@ def _fill(
     workers: int | None,
     reflink: bool,
     space: Callable[[Path], Space],
+    write: Callable[[int, memoryview], int],
 ) -> dict[str, Any]:
     """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary."""
     owner = _can_chown()
     names = root_names(sources)
-    copier = _Copier(reflink)
+    copier = _Copier(reflink, write)
     counts = {"files": 0, "dirs": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "shared_files": 0}
     fresh: list[tuple[str, str]] = []
     folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
