@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-_VERSION = re.compile(r"^(?P<release>\d+(?:\.\d+)*)(?:[-~]?(?P<tag>[A-Za-z][A-Za-z0-9.]*))?$")
+_VERSION = re.compile(r"^(?P<release>\d+(?:\.\d+)*)(?:[-~.]?(?P<tag>[A-Za-z][A-Za-z0-9.]*))?$")
 
 
 @total_ordering
