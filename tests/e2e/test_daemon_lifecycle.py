@@ -1,0 +1,87 @@
+"""The daemon's life: one per state folder, metrics over HTTP, the control socket, readiness."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, Site, wait_for
+
+
+def test_a_second_daemon_on_the_same_state_folder_is_refused_naming_the_first(site: Site) -> None:
+    first = site.start_daemon()
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(site.config_path), "run"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert second.returncode == 2
+    assert f"another dropgate daemon (pid {first.pid}) holds" in second.stderr
+    assert first.alive()
+
+
+def test_metrics_are_served_on_the_listener(site: Site) -> None:
+    site.start_daemon()
+    text = site.metrics_text() or ""
+    for name in (
+        'dropgate_gate{dropgate_gate="idle"} 1.0',
+        'dropgate_step{dropgate_step="none"} 1.0',
+        "dropgate_step_started_timestamp_seconds 0.0",
+        "dropgate_blocked 0.0",
+        "dropgate_inbox_files 0.0",
+        'dropgate_runs_total{outcome="succeeded"} 0.0',
+        'dropgate_build_info{version="',
+    ):
+        assert name in text, name
+    heartbeat = site.metric("dropgate_heartbeat_timestamp_seconds")
+    assert heartbeat
+    wait_for(lambda: (site.metric("dropgate_heartbeat_timestamp_seconds") or 0) > heartbeat, what="the heartbeat to move")
+
+
+def test_commands_that_change_something_need_the_daemon(site: Site) -> None:
+    result = site.cli("resolve", "1", "--note", "checked")
+    assert result.returncode == 3
+    assert "the dropgate daemon is not running" in result.stderr
+    # while read-only commands work without it
+    assert site.cli("status").returncode == 0
+    assert "daemon: NOT RUNNING" in site.cli("status").stdout
+
+
+def test_the_control_socket_is_only_for_root_and_the_admin_group(site: Site) -> None:
+    site.start_daemon()
+    sock = site.state / "control.sock"
+    mode = sock.stat().st_mode & 0o777
+    assert mode == 0o660
+    assert sock.stat().st_gid == 0  # the configured admin group (root in this sandbox)
+
+
+def test_systemd_readiness_and_watchdog_are_announced(site: Site, tmp_path: Path) -> None:
+    # Given a NOTIFY_SOCKET as systemd would provide, and a watchdog of 2 s
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(30)
+    try:
+        daemon = site.start_daemon(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"})
+        messages: list[str] = []
+
+        def heard(text: str) -> bool:
+            while not any(text in m for m in messages):
+                messages.append(listener.recv(4096).decode())
+            return True
+
+        # Then the daemon says READY=1, a STATUS= line and keeps pinging WATCHDOG=1
+        assert heard("READY=1")
+        assert heard("STATUS=gate idle")
+        assert heard("WATCHDOG=1")
+        daemon.stop()
+        assert heard("STOPPING=1")
+    finally:
+        listener.close()
+
+
+def test_sigterm_stops_an_idle_daemon_cleanly(site: Site) -> None:
+    daemon = site.start_daemon()
+    assert daemon.stop() == 0
+    assert not (site.state / "control.sock").exists()
