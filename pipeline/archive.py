@@ -57,7 +57,8 @@ __all__ = [
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
-PAYLOAD = "payload"
+PAYLOAD = "payload"  # the payload's folder inside the archive
+SOURCE_FOLDER = "release"  # pack's default payload folder next to manifest.yaml
 CHANNELS = ("stable", "unstable")
 HOOKS = ("pre_apply", "post_apply")
 REQUIREMENTS = ("min_cpus", "min_memory_gib", "min_free_percent", "free_bytes")
@@ -1102,7 +1103,7 @@ def _collect_payload(root: Path) -> list[_Entry]:
             children = sorted(listing, key=lambda child: child.name)
         for child in children:
             rel = prefix + child.name
-            shown = f"{PAYLOAD}/{rel}"
+            shown = f"{root.name}/{rel}"
             problem = path_problem(rel)
             if problem:
                 raise _pack_refusal(f"{_q(shown)}: {problem}")
@@ -1188,7 +1189,7 @@ def pack(src: Path, private_key_path: Path, out: Path, *, compresslevel: int = 6
     """
     key = load_signing_key(private_key_path)
     spec = _read_pack_manifest(src)
-    payload_root = src / str(spec.pop("payload", PAYLOAD))
+    payload_root = src / str(spec.pop("payload", SOURCE_FOLDER))
     entries = _collect_payload(payload_root)
     draft = {
         "length": 1,

@@ -32,7 +32,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    """Build and sign <product>.<version>.tgz from DIR/manifest.yaml and DIR/payload/."""
+    """Build and sign <product>.<version>.tgz from DIR/manifest.yaml and DIR/release/ (the release tree)."""
     try:
         archive = pack(Path(args.dir), Path(args.key), Path(args.out))
     except (ArchiveRejected, KeyFileError) as error:
