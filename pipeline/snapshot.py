@@ -719,64 +719,71 @@ def _fill(
             counts["bytes"] += info.st_size
             throttle.add(info.st_size)
 
+    manifest = None
     try:
-        with open(manifest_path, "w", encoding="utf-8") as manifest:
-            header = {
-                "format": FORMAT,
-                "run": run_id,
-                "created": created,
-                "previous": prev.run,
-                "roots": [{"name": name, "source": str(src)} for name, src in zip(names, sources, strict=True)],
-            }
-            manifest.write(json.dumps(header, separators=(",", ":")) + "\n")
-            (partial / DATA).mkdir()
-            for name, source in zip(names, sources, strict=True):
-                base = partial / DATA / name
-                for rel, info in _walk(source):
-                    checkpoint()
-                    kind = _kind(info)
-                    if kind is None:
-                        continue
-                    src = str(source) if rel == "." else os.path.join(source, rel)
-                    dst = str(base) if rel == "." else os.path.join(base, rel)
-                    current = src
-                    entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
-                    if kind == "dir":
-                        os.mkdir(dst, 0o700)
-                        entry.update(_meta_fields(info))
-                        folders.append((dst, entry))
-                        counts["dirs"] += 1
-                        manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-                    elif kind == "symlink":
-                        target = os.readlink(src)
-                        os.symlink(target, dst)
-                        entry.update(_meta_fields(info), target=target)
-                        _apply_meta(dst, entry, owner)
+        manifest = open(manifest_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below, quietly on failure
+        header = {
+            "format": FORMAT,
+            "run": run_id,
+            "created": created,
+            "previous": prev.run,
+            "roots": [{"name": name, "source": str(src)} for name, src in zip(names, sources, strict=True)],
+        }
+        manifest.write(json.dumps(header, separators=(",", ":")) + "\n")
+        (partial / DATA).mkdir()
+        for name, source in zip(names, sources, strict=True):
+            base = partial / DATA / name
+            for rel, info in _walk(source):
+                checkpoint()
+                kind = _kind(info)
+                if kind is None:
+                    continue
+                src = str(source) if rel == "." else os.path.join(source, rel)
+                dst = str(base) if rel == "." else os.path.join(base, rel)
+                current = src
+                entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
+                if kind == "dir":
+                    os.mkdir(dst, 0o700)
+                    entry.update(_meta_fields(info))
+                    folders.append((dst, entry))
+                    counts["dirs"] += 1
+                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                elif kind == "symlink":
+                    target = os.readlink(src)
+                    os.symlink(target, dst)
+                    entry.update(_meta_fields(info), target=target)
+                    _apply_meta(dst, entry, owner)
+                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                else:
+                    counts["files"] += 1
+                    shared = prev.unchanged(str(source), rel, info)
+                    if shared is not None and _link_previous(prev.copy_of(str(source), rel), dst, shared):
+                        entry.update({k: shared[k] for k in _FILE_KEYS})
+                        counts["shared_files"] += 1
+                        counts["bytes"] += info.st_size
+                        throttle.add(info.st_size)
                         manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
                     else:
-                        counts["files"] += 1
-                        shared = prev.unchanged(str(source), rel, info)
-                        if shared is not None and _link_previous(prev.copy_of(str(source), rel), dst, shared):
-                            entry.update({k: shared[k] for k in _FILE_KEYS})
-                            counts["shared_files"] += 1
-                            counts["bytes"] += info.st_size
-                            throttle.add(info.st_size)
-                            manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-                        else:
-                            window.append((entry, src, pool.submit(copier.copy, src, dst, owner)))
-                    settle(manifest, block=False)
-            settle(manifest, block=True)
-            for dst, entry in reversed(folders):
-                _apply_meta(dst, entry, owner)
-            dump_sizes = _run_dumps(
-                partial, dumps, manifest=manifest, checkpoint=checkpoint, throttle=throttle, space=space
-            )
-            manifest.flush()
-            os.fsync(manifest.fileno())
+                        window.append((entry, src, pool.submit(copier.copy, src, dst, owner)))
+                settle(manifest, block=False)
+        settle(manifest, block=True)
+        for dst, entry in reversed(folders):
+            _apply_meta(dst, entry, owner)
+        current = str(manifest_path)
+        manifest.flush()
+        dump_sizes = _run_dumps(
+            partial, dumps, manifest=manifest, checkpoint=checkpoint, throttle=throttle, space=space
+        )
+        current = str(manifest_path)
+        manifest.flush()
+        os.fsync(manifest.fileno())
+        manifest.close()
     except OSError as error:
         raise _translate(error, current, partial, space, throttle) from error
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(OSError, AttributeError):
+            manifest.close()  # type: ignore[union-attr]  # after a failure (a full disk) the buffered lines are lost with the partial folder
     return {
         "format": FORMAT,
         "run": run_id,
@@ -874,6 +881,13 @@ def _translate(
             free = 0
         remaining = max(0, throttle.expected - throttle.done)
         missing = max(1, remaining - free)
+        if not remaining:
+            return NoSpace(
+                f"the backup disk ({partial.parent}) filled while writing {where} "
+                f"(every file was copied; {format_bytes(free)} free)",
+                path=Path(where),
+                missing=missing,
+            )
         return NoSpace(
             f"the backup disk ({partial.parent}) filled while copying {where}: about {missing:,} more bytes "
             f"were needed ({format_bytes(remaining)} still to write, {format_bytes(free)} free)",

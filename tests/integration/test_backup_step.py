@@ -1,0 +1,371 @@
+"""The `backup` step and `restore`, without the daemon: a real StepContext, real files, real subprocesses.
+
+The full-disk cases run on a small tmpfs mounted for the test (root only); where
+mounting is not permitted they skip (and fail under CI). The same failure path
+with an injected write failure is covered in tests/unit/test_snapshot.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.context import StepContext
+from pipeline.errors import RollbackFailed, StepFailed, StepTimeout
+from states import backup
+
+
+class Recorder:
+    """A Reporter that keeps what the step reported."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.lines: list[str] = []
+        self.ratios: list[float] = []
+        self.facts: dict[str, Any] = {}
+
+    def event(self, run_id: int, step: str, message: str) -> None:
+        self.events.append(message)
+
+    def log(self, run_id: int, line: str) -> None:
+        self.lines.append(line)
+
+    def progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
+        self.ratios.append(ratio)
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        self.facts.update(fields.get("facts", {}))
+
+
+def tree_digest(root: Path) -> str:
+    """One hash over every entry under `root`: path, type, mode, owner, file mtime, content or link target."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted([*dirs, *files]):
+            path = Path(folder, name)
+            info = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
+            digest.update(f"{info.st_uid}:{info.st_gid}|".encode())
+            if stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(info.st_mode):
+                digest.update(f"{info.st_mtime_ns}|".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def make_platform(root: Path, *, big: int = 0) -> list[Path]:
+    """Two data paths of a platform: uploads (nested, modes, a symlink) and a database folder."""
+    uploads, database = root / "uploads", root / "db"
+    (uploads / "2026" / "11").mkdir(parents=True)
+    database.mkdir(parents=True)
+    for n in range(30):
+        (uploads / "2026" / "11" / f"doc-{n:02d}.pdf").write_bytes(os.urandom(2000 + n * 100))
+    (uploads / "index.json").write_text('{"docs": 30}\n')
+    (uploads / "current.pdf").symlink_to("2026/11/doc-00.pdf")
+    (database / "base.dat").write_bytes(os.urandom(big or 50_000))
+    (database / "base.dat").chmod(0o600)
+    database.chmod(0o700)
+    return [uploads, database]
+
+
+def step_context(
+    tmp_path: Path, data: list[Path], *, run_id: int = 1, backups: Path | None = None, **sections: Any
+) -> tuple[StepContext, Recorder]:
+    raw: dict[str, Any] = {
+        "paths": {"inbox": "inbox", "state": "state", "backups": str(backups or tmp_path / "backups")},
+        "platform": {"product": "gts", "root": "platform", "data": [str(path) for path in data]},
+        **sections,
+    }
+    config = parse_config(raw, base=tmp_path)
+    recorder = Recorder()
+    ctx = StepContext(
+        run_id=run_id,
+        step="backup",
+        archive=tmp_path / "gts.3.19.274.tgz",
+        archive_name="gts.3.19.274.tgz",
+        sha256="0" * 64,
+        config=config,
+        facts={},
+        reporter=recorder,
+    )
+    return ctx, recorder
+
+
+def python_command(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs at tmp_path/small, unmounted afterwards (root only)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for the full-disk test: {result.stderr.decode().strip()}")
+        pytest.skip("mounting a tmpfs is not permitted here (the injected-failure variant is in the unit tests)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_backup_takes_a_verified_snapshot_with_a_dump_and_records_the_facts(tmp_path: Path) -> None:
+    # Given a platform with two data paths and a dump command writing to stdout
+    data = make_platform(tmp_path / "platform")
+    dump = python_command("import sys\nfor n in range(20000): sys.stdout.write(f'INSERT {n};\\n')")
+    ctx, recorder = step_context(tmp_path, data, backup={"dumps": [{"name": "db.sql", "command": dump}]})
+
+    # When the step runs
+    backup.run(ctx)
+
+    # Then the snapshot holds both paths and the dump, and the facts say where
+    dest = tmp_path / "backups" / "1"
+    assert ctx.facts["backup_dir"] == str(dest)
+    assert ctx.facts["backup_files"] == 32
+    assert recorder.facts["backup_dir"] == str(dest)  # saved through the reporter, survives a crash
+    assert tree_digest(dest / "data" / "uploads") == tree_digest(data[0])
+    assert tree_digest(dest / "data" / "db") == tree_digest(data[1])
+    dumped = (dest / "dumps" / "db.sql").read_text()
+    assert dumped.startswith("INSERT 0;\n") and dumped.endswith("INSERT 19999;\n")
+    assert any(line.startswith("[dump db.sql] $ ") for line in recorder.lines)
+    assert recorder.events[0].startswith("snapshot of 2 paths: 32 files, ")
+    assert recorder.events[0].endswith(", verified")
+    assert recorder.ratios == sorted(recorder.ratios) and recorder.ratios[-1] == 1.0
+
+
+def test_a_second_backup_shares_unchanged_files_and_prunes_beyond_keep(tmp_path: Path) -> None:
+    data = make_platform(tmp_path / "platform")
+    for run in (1, 2, 3, 4):
+        if run == 4:
+            (data[0] / "index.json").write_text('{"docs": 31}\n')
+        ctx, recorder = step_context(tmp_path, data, run_id=run, backup={"keep": 2})
+        ctx.protected_runs = frozenset({1})  # say run 1 was the last successful update
+        backup.run(ctx)
+
+    backups = tmp_path / "backups"
+    assert sorted(os.listdir(backups)) == ["1", "3", "4"]  # the newest 2, and 1 protected; 2 pruned
+    scan = Path("data/uploads/2026/11/doc-05.pdf")
+    assert (backups / "1" / scan).stat().st_ino == (backups / "4" / scan).stat().st_ino
+    index = Path("data/uploads/index.json")
+    assert (backups / "1" / index).stat().st_ino != (backups / "4" / index).stat().st_ino
+    assert "31 shared with run 3" in recorder.events[0]
+    assert recorder.events[-1] == "pruned the snapshots of run 2"
+
+
+def test_not_enough_space_fails_before_writing_naming_the_path_and_missing_bytes(
+    tmp_path: Path, small_fs: Path
+) -> None:
+    """Real tmpfs of 4 MiB; the data holds 8 MiB."""
+    data = make_platform(tmp_path / "platform", big=8 * 2**20)
+    before = [tree_digest(path) for path in data]
+    ctx, _ = step_context(tmp_path, data, backups=small_fs / "backups")
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(ctx)
+
+    message = str(caught.value)
+    assert f"not enough space for the backup in {small_fs / 'backups'}" in message
+    found = re.search(r", ([\d,]+) bytes missing", message)
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > 4 * 2**20
+    assert "\n" not in message
+    assert os.listdir(small_fs / "backups") == []
+    assert [tree_digest(path) for path in data] == before
+    assert "backup_dir" not in ctx.facts
+
+
+def test_a_disk_filled_by_someone_else_during_the_copy_fails_cleanly(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs: after the estimate passed, another writer takes the free space; the copy hits ENOSPC."""
+    data = make_platform(tmp_path / "platform", big=2 * 2**20)
+    before = [tree_digest(path) for path in data]
+    ctx, _ = step_context(tmp_path, data, backups=small_fs / "backups")
+
+    class FillingContext(StepContext):
+        def checkpoint(self) -> None:
+            filler = small_fs / "other-writer"
+            if not filler.exists():
+                with open(filler, "wb") as handle:
+                    try:
+                        while True:
+                            handle.write(b"\0" * 65536)
+                            handle.flush()
+                    except OSError:
+                        pass
+            super().checkpoint()
+
+    filling = FillingContext(**{name: getattr(ctx, name) for name in ctx.__dataclass_fields__})
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(filling)
+
+    message = str(caught.value)
+    assert f"the backup disk ({small_fs / 'backups'}) filled while copying {data[0]}" in message or (
+        f"filled while copying {data[1]}" in message
+    )
+    assert "more bytes were needed" in message and "the platform was not changed" in message
+    assert os.listdir(small_fs / "backups") == []
+    assert [tree_digest(path) for path in data] == before
+
+
+def test_a_dump_filling_the_disk_fails_cleanly_naming_the_dump(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs: the dump command writes 8 MiB to a 4 MiB filesystem."""
+    data = make_platform(tmp_path / "platform")
+    dump = python_command("import sys\nfor _ in range(128): sys.stdout.buffer.write(b'x' * 65536)")
+    ctx, _ = step_context(
+        tmp_path, data, backups=small_fs / "backups", backup={"dumps": [{"name": "db.sql", "command": dump}]}
+    )
+
+    with pytest.raises(StepFailed, match=r"the backup disk filled while writing the dump db\.sql"):
+        backup.run(ctx)
+
+    assert os.listdir(small_fs / "backups") == []
+
+
+def test_the_time_limit_stops_the_backup_and_removes_the_partial_snapshot(tmp_path: Path) -> None:
+    data = make_platform(tmp_path / "platform")
+    ctx, _ = step_context(tmp_path, data)
+    ctx.deadline = time.time() - 1
+
+    with pytest.raises(StepTimeout, match="backup ran past its time limit"):
+        backup.run(ctx)
+
+    assert os.listdir(tmp_path / "backups") == []
+
+
+def test_restore_puts_data_and_dumps_back_exactly(tmp_path: Path) -> None:
+    # Given a backup with a dump whose restore command reads the dump on stdin
+    data = make_platform(tmp_path / "platform")
+    restored_db = tmp_path / "restored.sql"
+    dumps = [
+        {
+            "name": "db.sql",
+            "command": python_command("print('CREATE TABLE t;')"),
+            "restore": python_command(
+                f"import sys, shutil; shutil.copyfileobj(sys.stdin, open({str(restored_db)!r}, 'w'))"
+            ),
+        }
+    ]
+    ctx, _ = step_context(tmp_path, data, backup={"dumps": dumps})
+    expected = [tree_digest(path) for path in data]
+    backup.run(ctx)
+    # When the update changes the data (files rewritten, added, removed, modes)
+    (data[0] / "index.json").write_text("migrated")
+    (data[0] / "2026" / "11" / "doc-03.pdf").unlink()
+    (data[1] / "wal-0001").write_bytes(b"w" * 999)
+    (data[1] / "base.dat").chmod(0o644)
+    rollback, recorder = step_context(tmp_path, data)
+    rollback.facts.update(ctx.facts)
+    rollback.config = ctx.config
+    rollback.step = "rollback"
+    backup.restore(rollback)
+
+    # Then every data path is byte-identical to before the backup, and the dump went to its restore command
+    assert [tree_digest(path) for path in data] == expected
+    assert restored_db.read_text() == "CREATE TABLE t;\n"
+    assert any(event.startswith("data restored in ") for event in recorder.events)
+    assert recorder.events[-1] == f"dump db.sql restored from {tmp_path / 'backups' / '1' / 'dumps' / 'db.sql'}"
+
+
+def test_restore_from_a_tampered_snapshot_fails_loudly_and_touches_nothing(tmp_path: Path) -> None:
+    data = make_platform(tmp_path / "platform")
+    ctx, _ = step_context(tmp_path, data)
+    backup.run(ctx)
+    (data[0] / "index.json").write_text("migrated")
+    changed = [tree_digest(path) for path in data]
+    tampered = tmp_path / "backups" / "1" / "data" / "db" / "base.dat"
+    tampered.write_bytes(b"\0" * tampered.stat().st_size)
+    snapshot_before = tree_digest(tmp_path / "backups" / "1")
+
+    with pytest.raises(RollbackFailed) as caught:
+        backup.restore(ctx)
+
+    assert str(caught.value).startswith(
+        f"the backup {tmp_path / 'backups' / '1'} failed verification, no data was restored"
+    )
+    assert str(tampered) in str(caught.value)
+    assert [tree_digest(path) for path in data] == changed
+    assert tree_digest(tmp_path / "backups" / "1") == snapshot_before
+
+
+def test_restore_fails_loudly_when_a_dump_restore_fails(tmp_path: Path) -> None:
+    data = make_platform(tmp_path / "platform")
+    dumps = [
+        {"name": "db.sql", "command": python_command("print(1)"), "restore": python_command("raise SystemExit(3)")}
+    ]
+    ctx, _ = step_context(tmp_path, data, backup={"dumps": dumps})
+    backup.run(ctx)
+
+    with pytest.raises(
+        RollbackFailed, match=r"the dump db\.sql could not be restored from .*: restore db\.sql failed with exit code 3"
+    ):
+        backup.restore(ctx)
+
+
+def test_restore_without_a_backup_fails_loudly(tmp_path: Path) -> None:
+    ctx, _ = step_context(tmp_path, make_platform(tmp_path / "platform"))
+    with pytest.raises(RollbackFailed, match="run 1 has no backup to restore the data from"):
+        backup.restore(ctx)
+
+
+def test_the_backups_command_lists_and_verifies_snapshots(tmp_path: Path) -> None:
+    # Given two backups and a configuration file
+    data = make_platform(tmp_path / "platform")
+    for run in (1, 2):
+        ctx, _ = step_context(tmp_path, data, run_id=run)
+        backup.run(ctx)
+    config = tmp_path / "dropgate.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "paths": {"inbox": "inbox", "state": "state", "backups": "backups"},
+                "platform": {"product": "gts", "root": "platform", "data": [str(p) for p in data]},
+            }
+        )
+    )
+
+    def dropgate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    # When listing, Then both show, newest first, verified
+    listing = dropgate("backups")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "TAKEN", "SIZE", "WRITTEN", "FILES", "SHARED", "VERIFIED"]
+    assert [line.split()[0] for line in lines[1:]] == ["2", "1"]
+    assert all(" yes, " in line for line in lines[1:])
+    as_json = json.loads(dropgate("backups", "--json").stdout)
+    assert [(item["run"], item["files"], item["verified"]) for item in as_json] == [(2, 32, True), (1, 32, True)]
+    assert as_json[0]["shared_files"] == 32
+
+    # When a file of snapshot 1 is tampered with, Then `backups verify 1` says which and exits 1
+    assert dropgate("backups", "verify", "1").returncode == 0
+    (tmp_path / "backups" / "1" / "data" / "uploads" / "index.json").write_text('{"docs": 99}\n')
+    checked = dropgate("backups", "verify", "1")
+    assert checked.returncode == 1
+    assert "index.json: " in checked.stdout and "FAILED verification" in checked.stdout
+    assert "FAILED (" in dropgate("backups").stdout
+    missing = dropgate("backups", "verify", "7")
+    assert missing.returncode == 1 and "no complete snapshot of run 7" in missing.stderr
