@@ -213,6 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     config = load_config(config_path(args.config))
     try:
         return Daemon(config).run()

@@ -29,15 +29,15 @@ class Metrics(Observer):
         self.registry = registry
         self.gate = Enum("dropgate_gate", "The gate: idle, busy or blocked.", states=list(GATE_STATES), registry=registry)
         self.step = Enum("dropgate_step", "The current step of the active run.", states=list(STEP_STATES), registry=registry)
-        self.step_started = Gauge(
+        self.step_started_at = Gauge(
             "dropgate_step_started_timestamp_seconds", "When the current step began (0 when none).", registry=registry
         )
-        self.step_deadline = Gauge(
+        self.step_deadline_at = Gauge(
             "dropgate_step_deadline_timestamp_seconds",
             "When the current step's time limit ends (0 when none or no limit).",
             registry=registry,
         )
-        self.step_progress = Gauge(
+        self.progress_ratio = Gauge(
             "dropgate_step_progress_ratio", "Progress within the current step, 0..1, where measurable.", registry=registry
         )
         self.step_duration = Histogram(
@@ -121,20 +121,20 @@ class Metrics(Observer):
     def step_started(self, run: Run, step: str, started: float, deadline: float | None) -> None:
         self.gate.state("busy")
         self.step.state(step)
-        self.step_started.set(started)
-        self.step_deadline.set(deadline or 0.0)
-        self.step_progress.set(0.0)
+        self.step_started_at.set(started)
+        self.step_deadline_at.set(deadline or 0.0)
+        self.progress_ratio.set(0.0)
 
     def step_finished(self, run: Run, step: str, result: str, seconds: float) -> None:
         self.step_duration.labels(step=step).observe(seconds)
         self.step.state("none")
-        self.step_started.set(0.0)
-        self.step_deadline.set(0.0)
-        self.step_progress.set(0.0)
+        self.step_started_at.set(0.0)
+        self.step_deadline_at.set(0.0)
+        self.progress_ratio.set(0.0)
         self.run_updated(run)
 
     def step_progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
-        self.step_progress.set(ratio)
+        self.progress_ratio.set(ratio)
 
     def run_updated(self, run: Run) -> None:
         self.maintenance.set(1 if run.maintenance else 0)
