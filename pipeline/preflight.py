@@ -578,7 +578,7 @@ def render_preview(preview: Preview, width: int = WIDTH) -> list[str]:
 
 def render(report: Report, width: int = WIDTH) -> str:
     installed = report.installed or "none"
-    lines = [f"Installed release: {installed} ({report.config.platform.root / 'current'})", ""]
+    lines = [f"Installed release: {installed}", ""]
     lines += render_checks(report.checks, width)
     if report.preview is not None:
         lines += render_preview(report.preview, width)

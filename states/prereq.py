@@ -332,28 +332,20 @@ def check_version(config: Config, manifest: Mapping[str, Any] | None) -> Check:
     target = str(manifest.get("version") or "")
     minimum = manifest.get("min_version")
     if installed is None:
-        if minimum:
-            message = f"no release is installed; the archive upgrades from {minimum} or later"
-            return Check("version", "critical", message)
-        return Check("version", "ok", f"no release is installed; the archive installs {target} as the first")
-    try:
-        have = Version.parse(installed)
-    except ValueError:
-        message = f"the installed release {installed!r} is not named as a version ({current})"
+        message = f"no release is installed ({current} does not exist): adopt it first with `dropgate init`"
         return Check("version", "critical", message)
-    if minimum:
-        try:
-            needed = Version.parse(str(minimum))
-        except ValueError:
-            return Check("version", "critical", f"the archive's minimum version {minimum!r} is not a version")
-        if have < needed:
-            return Check("version", "critical", f"{installed} installed, the archive needs at least {minimum}")
     try:
-        newer = Version.parse(target) > have
-    except ValueError:
-        return Check("version", "critical", f"the archive's version {target!r} is not a version")
-    if not newer:
-        return Check("version", "critical", f"{installed} installed, the archive holds {target}: not newer")
+        have, new = Version.parse(installed), Version.parse(target)
+        needed = Version.parse(str(minimum)) if minimum else None
+    except ValueError as error:
+        return Check("version", "critical", str(error))
+    if new == have:
+        return Check("version", "critical", f"{installed} installed, the archive holds {target}: already installed")
+    if new < have:
+        return Check("version", "critical", f"{installed} installed, the archive holds {target}: a downgrade")
+    if needed is not None and have < needed:
+        message = f"{installed} installed, the archive needs at least {minimum}: install the updates between first"
+        return Check("version", "critical", message)
     floor = f"needs at least {minimum}" if minimum else "names no minimum"
     return Check("version", "ok", f"{installed} installed, the archive {floor}")
 

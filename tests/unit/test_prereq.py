@@ -291,16 +291,27 @@ def test_archive_free_bytes_requirement_counts_on_the_platform_filesystem(tmp_pa
     ("installed", "man", "level", "text"),
     [
         ("3.19.273", manifest(min_version="3.19.0"), "ok", "3.19.273 installed, the archive needs at least 3.19.0"),
-        ("3.17.9", manifest(min_version="3.18.0"), "critical", "3.17.9 installed, the archive needs at least 3.18.0"),
-        ("3.9.1", manifest(min_version="3.10"), "critical", "3.9.1 installed, the archive needs at least 3.10"),
-        ("3.19.274", manifest(), "critical", "3.19.274 installed, the archive holds 3.19.274: not newer"),
+        (
+            "3.17.9",
+            manifest(min_version="3.18.0"),
+            "critical",
+            "3.17.9 installed, the archive needs at least 3.18.0: install the updates between first",
+        ),
+        (
+            "3.9.1",
+            manifest(min_version="3.10"),
+            "critical",
+            "3.9.1 installed, the archive needs at least 3.10: install the updates between first",
+        ),
+        ("3.19.274", manifest(), "critical", "3.19.274 installed, the archive holds 3.19.274: already installed"),
         (
             None,
             manifest(min_version="3.18.0"),
             "critical",
-            "no release is installed; the archive upgrades from 3.18.0 or later",
+            "no release is installed ({current} does not exist): adopt it first with `dropgate init`",
         ),
         ("3.19.273", None, "ok", "3.19.273 installed"),
+        ("3.20.0", manifest(), "critical", "3.20.0 installed, the archive holds 3.19.274: a downgrade"),
     ],
 )
 def test_installed_version_against_the_archive(
@@ -308,7 +319,7 @@ def test_installed_version_against_the_archive(
 ) -> None:
     config = make_site(tmp_path, installed=installed)
     check = by_name(run_checks(config, Machine(), man), "version")
-    assert (check.level, check.message) == (level, text)
+    assert (check.level, check.message) == (level, text.format(current=config.platform.root / "current"))
 
 
 def test_platform_health(tmp_path: Path) -> None:
