@@ -41,7 +41,11 @@ _HANDLERS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dropgate", description="The update gate of an on-premise platform.")
-    parser.add_argument("--config", metavar="PATH", help="configuration file (default: $DROPGATE_CONFIG, then /etc/dropgate/dropgate.yaml)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $DROPGATE_CONFIG, then /etc/dropgate/dropgate.yaml)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, *, json: bool = False) -> argparse.ArgumentParser:
@@ -72,23 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("id", type=int)
     sub.add_argument("--note", required=True, help="what was checked or repaired (kept in the journal)")
     sub = command("keygen", "vendor side: make an Ed25519 key pair")
-    sub.add_argument("-o", "--out", required=True, metavar="PREFIX", help="writes PREFIX.key (private, 0600) and PREFIX.pub")
+    sub.add_argument(
+        "-o", "--out", required=True, metavar="PREFIX", help="writes PREFIX.key (private, 0600) and PREFIX.pub"
+    )
     sub.add_argument("--force", action="store_true", help="overwrite an existing key")
     sub = command("pack", "vendor side: build and sign an update archive from DIR/manifest.yaml")
     sub.add_argument("dir")
     sub.add_argument("--key", required=True, help="the private key file")
-    sub.add_argument("-o", "--out", required=True, help="the archive (or a folder to write <product>.<version>.tgz into)")
+    sub.add_argument(
+        "-o", "--out", required=True, help="the archive (or a folder to write <product>.<version>.tgz into)"
+    )
     sub = command("verify", "vendor side: check an archive against a public key and say what is wrong", json=True)
     sub.add_argument("archive")
     sub.add_argument("--key", action="append", required=True, help="a trusted public key file (repeatable)")
     command("graph", "print the state machine as Mermaid")
     sub = command("demo", "a self-contained sandbox site for a first look")
     sub.add_argument("--dir", help="where to build the sandbox (default: ./demo-site)")
-    sub.add_argument("--once", action="store_true", help="run the sample updates, then exit 0 only if every outcome was as expected")
+    sub.add_argument(
+        "--once", action="store_true", help="run the sample updates, then exit 0 only if every outcome was as expected"
+    )
     sub.add_argument("--port", type=int, default=0, help="status page port (default: a free one)")
     sub = command("init", "create the folders and adopt an existing installation as the first release")
     sub.add_argument("--adopt", metavar="DIR", help="an existing installation to adopt as the first release")
-    sub.add_argument("--version", dest="adopt_version", metavar="VERSION", help="the version of the adopted installation")
+    sub.add_argument(
+        "--version", dest="adopt_version", metavar="VERSION", help="the version of the adopted installation"
+    )
     sub.add_argument("--copy", action="store_true", help="copy the installation instead of moving it")
     sub = command("backups", "list snapshots; `backups verify ID` re-checks one", json=True)
     sub.add_argument("action", nargs="?", choices=["list", "verify"], default="list")

@@ -36,7 +36,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, No
 def parse_duration(value: Any) -> float:
     """`90s`, `15m`, `4h`, `1d` or a bare number of seconds, as seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 90s, 15m or 4h, got {value!r}")
+        raise ValueError(f"expected a duration such as 90s, 15m or 4h, got {value!r}")  # noqa: TRY004 (pydantic)
     if isinstance(value, int | float):
         seconds = float(value)
     else:

@@ -76,7 +76,9 @@ class ControlServer(threading.Thread):
             os.chmod(self.path, 0o660)
         except KeyError:
             os.chmod(self.path, 0o600)
-            log.warning("control: group %r does not exist; only root and this user may use the control socket", self.group)
+            log.warning(
+                "control: group %r does not exist; only root and this user may use the control socket", self.group
+            )
         self.sock.listen(16)
         self.sock.settimeout(0.5)
 
@@ -108,7 +110,9 @@ class ControlServer(threading.Thread):
             pid, uid, _ = _peer(conn)
             who = f"{_user_name(uid)} (pid {pid})"
             if not self._allowed(uid):
-                self._answer(conn, False, f"{_user_name(uid)} may not control dropgate (need root or group {self.group})")
+                self._answer(
+                    conn, False, f"{_user_name(uid)} may not control dropgate (need root or group {self.group})"
+                )
                 return
             try:
                 request = self._read(conn)
@@ -137,7 +141,7 @@ class ControlServer(threading.Thread):
                 raise ValueError("request too long")
         request = json.loads(data)
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            raise ValueError("expected {\"command\": ...}")
+            raise ValueError('expected {"command": ...}')  # noqa: TRY004 (answered as a bad request)
         return request
 
     @staticmethod
@@ -162,7 +166,8 @@ def send(config: Config, request: dict[str, Any], *, timeout: float | None = 30.
     except (FileNotFoundError, ConnectionRefusedError) as error:
         sock.close()
         raise DaemonUnreachable(
-            f"the dropgate daemon is not running (nothing answers on {path}); start it (systemctl start dropgate) and try again"
+            f"the dropgate daemon is not running (nothing answers on {path}); "
+            "start it (systemctl start dropgate) and try again"
         ) from error
     except PermissionError as error:
         sock.close()

@@ -99,8 +99,10 @@ def check_paths(config: Config) -> None:
         path.mkdir(parents=True, exist_ok=True)
     if os.stat(config.paths.inbox).st_dev != os.stat(config.paths.state).st_dev:
         raise ConfigError(
-            [f"paths.inbox: {config.paths.inbox} must be on the same filesystem as paths.state "
-             f"({config.paths.state}) so that taking a file is an atomic rename"]
+            [
+                f"paths.inbox: {config.paths.inbox} must be on the same filesystem as paths.state "
+                f"({config.paths.state}) so that taking a file is an atomic rename"
+            ]
         )
 
 
@@ -210,9 +212,7 @@ class Daemon:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
     config = load_config(config_path(args.config))
     try:

@@ -44,7 +44,7 @@ class StatusServer(threading.Thread):
         class Handler(BaseHTTPRequestHandler):
             server_version = "dropgate"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http: " + format, *args)
 
             def _send(self, code: int, body: bytes, content_type: str) -> None:
@@ -57,7 +57,7 @@ class StatusServer(threading.Thread):
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 try:
                     if path == "/metrics":
@@ -74,7 +74,7 @@ class StatusServer(threading.Thread):
                     log.exception("http: %s failed", path)
                     self._send(500, b"internal error\n", "text/plain")
 
-            do_HEAD = do_GET  # noqa: N815
+            do_HEAD = do_GET
 
         host, port = config.listen_address
         server_class = _IPv6Server if ":" in host else ThreadingHTTPServer

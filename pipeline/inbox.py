@@ -29,7 +29,7 @@ import psutil
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer as WatchdogObserver
 
-from pipeline.config import Config
+from pipeline.config import Config, format_duration
 from pipeline.journal import Journal
 from pipeline.observers import Observers
 
@@ -205,7 +205,9 @@ class Inbox(threading.Thread):
                 log.info("inbox: finished taking %s as run %d", run.archive, run.id)
             else:
                 self.journal.update_run(
-                    run.id, outcome="rejected", finished=self.now(),
+                    run.id,
+                    outcome="rejected",
+                    finished=self.now(),
                     error=f"the archive {run.archive} vanished before it was processed",
                 )
                 self.journal.add_event(run.id, "queued", f"the archive {run.archive} vanished before it was processed")
@@ -232,25 +234,34 @@ class Inbox(threading.Thread):
             self._next_rescan = now + self.config.inbox.rescan_seconds
         with self._lock:
             hinted, self._hinted = self._hinted, {}
-        for name, candidate in hinted.items():
-            self._observe(name, now, make_candidate=candidate)
+        for name, is_candidate in hinted.items():
+            self._observe(name, now, make_candidate=is_candidate)
         for name in list(self._candidates):
             if name not in hinted:
                 self._observe(name, now, make_candidate=False)
-        ready = [c for c in self._candidates.values() if now - c.still_since >= self.config.inbox.settle_seconds]
-        ready.sort(key=lambda c: c.order)
-        busy = self.writers([str(self.dir / c.name) for c in ready if c.regular]) if ready else set()
-        uploading = []
-        for candidate in ready:
-            path = self.dir / candidate.name
-            if str(path) in busy:
-                continue
-            candidate.announced = self.announced(path) if candidate.regular else None
-            if candidate.announced is not None and candidate.size < candidate.announced:
-                if now - candidate.seen < self.config.inbox.incomplete_timeout:
-                    uploading.append({"name": candidate.name, "bytes": candidate.size, "total": candidate.announced})
+        uploading: list[dict[str, Any]] = []
+        ready: list[Candidate] = []
+        for candidate in sorted(self._candidates.values(), key=lambda c: c.order):
+            if candidate.regular and candidate.announced is None:
+                candidate.announced = self.announced(self.dir / candidate.name)
+            total = candidate.announced
+            if total is not None and candidate.size < total:
+                quiet = now - candidate.mtime_ns / 1e9
+                if quiet < self.config.inbox.incomplete_timeout:
+                    uploading.append({"name": candidate.name, "bytes": candidate.size, "total": total})
                     continue
-            self._take(candidate)
+                self._take(
+                    candidate,
+                    refuse=f"incomplete upload: {candidate.name} has {candidate.size} of its {total} bytes "
+                    f"and nothing arrived for {format_duration(self.config.inbox.incomplete_timeout)}",
+                )
+                continue
+            if now - candidate.still_since >= self.config.inbox.settle_seconds:
+                ready.append(candidate)
+        busy = self.writers([str(self.dir / c.name) for c in ready if c.regular]) if ready else set()
+        for candidate in ready:
+            if str(self.dir / candidate.name) not in busy:
+                self._take(candidate)
         self.uploading = uploading
         self._publish(now)
 
@@ -277,7 +288,7 @@ class Inbox(threading.Thread):
     def _add_candidate(self, name: str, now: float, stat: os.stat_result) -> None:
         self._candidates[name] = Candidate(name, now, stat.st_size, stat.st_mtime_ns, now, next(self._arrivals))
 
-    def _take(self, candidate: Candidate) -> None:
+    def _take(self, candidate: Candidate, *, refuse: str | None = None) -> None:
         """Record the run, move the file into its spool folder, then screen it (kind, repeat)."""
         source = self.dir / candidate.name
         run_id = self.journal.add_run(candidate.name, spool=self.spool, arrived=self.now())
@@ -287,11 +298,10 @@ class Inbox(threading.Thread):
         try:
             os.rename(source, target)
         except FileNotFoundError:
-            reason = f"{candidate.name} vanished from the inbox before it was taken"
-            self._reject(run_id, None, reason)
+            self._reject(run_id, None, f"{candidate.name} vanished from the inbox before it was taken")
             return
         self.journal.add_event(run_id, "queued", f"taken from the inbox ({candidate.size} bytes)")
-        reason = self._screen(run_id, target)
+        reason = refuse or self._screen(run_id, target)
         if reason is not None:
             self._reject(run_id, target, reason)
         self.on_taken(run_id)

@@ -69,9 +69,25 @@ CREATE INDEX IF NOT EXISTS runs_sha ON runs(sha256);
 """
 
 _UPDATABLE = {
-    "path", "sha256", "size", "from_version", "to_version", "step", "outcome", "started", "finished",
-    "step_started", "step_deadline", "progress", "progress_message", "error", "platform_changed",
-    "maintenance", "resolved", "resolved_note", "facts",
+    "path",
+    "sha256",
+    "size",
+    "from_version",
+    "to_version",
+    "step",
+    "outcome",
+    "started",
+    "finished",
+    "step_started",
+    "step_deadline",
+    "progress",
+    "progress_message",
+    "error",
+    "platform_changed",
+    "maintenance",
+    "resolved",
+    "resolved_note",
+    "facts",
 }
 
 

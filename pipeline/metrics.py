@@ -27,8 +27,12 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 class Metrics(Observer):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.gate = Enum("dropgate_gate", "The gate: idle, busy or blocked.", states=list(GATE_STATES), registry=registry)
-        self.step = Enum("dropgate_step", "The current step of the active run.", states=list(STEP_STATES), registry=registry)
+        self.gate = Enum(
+            "dropgate_gate", "The gate: idle, busy or blocked.", states=list(GATE_STATES), registry=registry
+        )
+        self.step = Enum(
+            "dropgate_step", "The current step of the active run.", states=list(STEP_STATES), registry=registry
+        )
         self.step_started_at = Gauge(
             "dropgate_step_started_timestamp_seconds", "When the current step began (0 when none).", registry=registry
         )
@@ -38,10 +42,15 @@ class Metrics(Observer):
             registry=registry,
         )
         self.progress_ratio = Gauge(
-            "dropgate_step_progress_ratio", "Progress within the current step, 0..1, where measurable.", registry=registry
+            "dropgate_step_progress_ratio",
+            "Progress within the current step, 0..1, where measurable.",
+            registry=registry,
         )
         self.step_duration = Histogram(
-            "dropgate_step_duration_seconds", "Duration of finished steps.", ["step"], buckets=DURATION_BUCKETS,
+            "dropgate_step_duration_seconds",
+            "Duration of finished steps.",
+            ["step"],
+            buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.runs = Counter("dropgate_runs", "Runs by outcome.", ["outcome"], registry=registry)
@@ -49,7 +58,9 @@ class Metrics(Observer):
             "dropgate_last_success_timestamp_seconds", "When the last run succeeded (0: never).", registry=registry
         )
         self.last_outcome = Gauge(
-            "dropgate_last_outcome_timestamp_seconds", "When the last run of each outcome ended.", ["outcome"],
+            "dropgate_last_outcome_timestamp_seconds",
+            "When the last run of each outcome ended.",
+            ["outcome"],
             registry=registry,
         )
         self.blocked = Gauge("dropgate_blocked", "1 while the gate is blocked.", registry=registry)
@@ -64,19 +75,21 @@ class Metrics(Observer):
             "dropgate_inbox_oldest_age_seconds", "Age of the oldest waiting file (0 when none).", registry=registry
         )
         self.inbox_uploading_bytes = Gauge(
-            "dropgate_inbox_uploading_bytes", "Bytes received so far of an upload in progress.", ["file"],
+            "dropgate_inbox_uploading_bytes",
+            "Bytes received so far of an upload in progress.",
+            ["file"],
             registry=registry,
         )
         self.inbox_uploading_total = Gauge(
-            "dropgate_inbox_uploading_total_bytes", "Announced full length of an upload in progress.", ["file"],
+            "dropgate_inbox_uploading_total_bytes",
+            "Announced full length of an upload in progress.",
+            ["file"],
             registry=registry,
         )
         self.heartbeat = Gauge(
             "dropgate_heartbeat_timestamp_seconds", "The daemon's main loop is alive.", registry=registry
         )
-        self.platform_version = Info(
-            "dropgate_platform_version", "The installed platform version.", registry=registry
-        )
+        self.platform_version = Info("dropgate_platform_version", "The installed platform version.", registry=registry)
         self.build = Info("dropgate_build", "The dropgate version.", registry=registry)
         self.backup_bytes = Gauge("dropgate_backup_bytes", "Size of the last snapshot.", registry=registry)
         self.backup_last = Gauge(

@@ -8,6 +8,7 @@ and a cancel token that end it: SIGTERM to the group, then SIGKILL after a grace
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,7 +72,7 @@ def _pump_progress(fd: int, on_progress: Progress, emit: LogLine, prefix: str) -
                 report = json.loads(raw)
                 ratio = float(report["progress"])
             except (ValueError, KeyError, TypeError):
-                emit(f"{prefix}ignored a progress line that is not {{\"progress\": 0..1}}: {raw[:200]!r}")
+                emit(f'{prefix}ignored a progress line that is not {{"progress": 0..1}}: {raw[:200]!r}')
                 continue
             message = report.get("message")
             on_progress(min(1.0, max(0.0, ratio)), str(message) if message is not None else None)
@@ -80,19 +81,15 @@ def _pump_progress(fd: int, on_progress: Progress, emit: LogLine, prefix: str) -
 def kill_group(pgid: int, grace_seconds: float, proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the whole process group, SIGKILL it after `grace_seconds`."""
     for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
         # The leader is gone; make sure nothing else of its group lingers.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return
 
 

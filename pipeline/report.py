@@ -90,9 +90,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         current = recent[0] if recent else None
     if current is not None:
         view = run_view(current)
-        view["events"] = [
-            {"ts": e.ts, "step": e.step, "message": e.message} for e in journal.events(current.id)[-8:]
-        ]
+        view["events"] = [{"ts": e.ts, "step": e.step, "message": e.message} for e in journal.events(current.id)[-8:]]
         view["notes"] = (current.facts.get("manifest") or {}).get("notes")
         view["log_tail"] = tail(config.paths.state / "runs" / f"{current.id}.log", 20)
         result["run"] = view
@@ -129,12 +127,12 @@ def render_status(status: dict[str, Any]) -> str:
             since = status["now"] - (run["step_started"] or status["now"])
             progress = "" if run["progress"] is None else f", {run['progress'] * 100:.0f}%"
             message = f" ({run['progress_message']})" if run["progress_message"] else ""
-            deadline = (
-                f", time limit in {_ago(run['step_deadline'] - status['now'])}" if run["step_deadline"] else ""
-            )
+            deadline = f", time limit in {_ago(run['step_deadline'] - status['now'])}" if run["step_deadline"] else ""
             lines.append(f"  step:    {run['step']} for {_ago(since)}{progress}{message}{deadline}")
             if not daemon["running"]:
-                lines.append("  WARNING: no daemon is running: this run is not progressing (it is settled at the next start)")
+                lines.append(
+                    "  WARNING: no daemon is running: this run is not progressing (it is settled at the next start)"
+                )
         lines.append(f"  platform: {run['platform']}" + (", maintenance ON" if run["maintenance"] else ""))
         if run["downtime"] is not None:
             lines.append(f"  downtime: {'yes' if run['downtime'] else 'no'} ({run['downtime_reason']})")

@@ -11,6 +11,7 @@ limits, the journal records and the failure paths; observers only watch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -52,7 +53,9 @@ def machine_transitions() -> list[dict[str, Any]]:
     for index, step in enumerate(STEPS):
         for later in STEPS[index + 1 :]:
             if later in OPTIONAL_STEPS:
-                transitions.append({"trigger": "advance", "source": step, "dest": later, "conditions": f"needs_{later}"})
+                transitions.append(
+                    {"trigger": "advance", "source": step, "dest": later, "conditions": f"needs_{later}"}
+                )
                 continue
             transitions.append({"trigger": "advance", "source": step, "dest": later})
             break
@@ -270,7 +273,9 @@ class Runner(threading.Thread):
         if run is None:
             raise ControlRefused(f"there is no run {run_id}")
         if run.outcome not in ("rejected", "failed", "rolled_back", "interrupted"):
-            raise ControlRefused(f"run {run_id} is {run.outcome or run.step}: only a rejected or failed run can be retried")
+            raise ControlRefused(
+                f"run {run_id} is {run.outcome or run.step}: only a rejected or failed run can be retried"
+            )
         blocking = self.journal.blocking()
         if blocking:
             first = blocking[0]
@@ -358,14 +363,23 @@ class Runner(threading.Thread):
             error = self._run_step(run, model, step)
             if error is None:
                 if self.stopping and step in CHANGE_STEPS:
-                    self._finish(run, model, "interrupt", f"the daemon was stopped (SIGTERM); it stopped at a safe point after {step}")
+                    self._finish(
+                        run,
+                        model,
+                        "interrupt",
+                        f"the daemon was stopped (SIGTERM); it stopped at a safe point after {step}",
+                    )
                     return
                 model.advance()  # type: ignore[attr-defined]
                 continue
             if isinstance(error, StepAborted) and error.resumable and step in PRE_CHANGE_STEPS:
                 model.requeue()  # type: ignore[attr-defined]
                 self.journal.update_run(run.id, step="queued", step_started=None, step_deadline=None, progress=None)
-                self.event(run.id, step, "the daemon is stopping: nothing was changed; the run resumes from validate when it starts again")
+                self.event(
+                    run.id,
+                    step,
+                    "the daemon is stopping: nothing was changed; the run resumes from validate when it starts again",
+                )
                 return
             message = str(error)
             if step in PRE_CHANGE_STEPS:
@@ -481,10 +495,8 @@ class Runner(threading.Thread):
         except FileNotFoundError:
             return source
         target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
-        try:
+        with contextlib.suppress(OSError):
             source.parent.rmdir()
-        except OSError:
-            pass
         return target
 
     def _operator_rollback(self, run_id: int | None, who: str) -> str:
@@ -497,10 +509,19 @@ class Runner(threading.Thread):
         if run is None:
             raise ControlRefused(f"there is no run {run_id}")
         if run.outcome not in ROLLBACK_OF_OUTCOMES:
-            raise ControlRefused(f"run {run_id} is {run.outcome or run.step}: only a failed, interrupted or succeeded run can be rolled back")
-        later = [r for r in self.journal.runs(limit=1000) if r.id > run_id and r.platform_changed and r.outcome != "rolled_back"]
+            raise ControlRefused(
+                f"run {run_id} is {run.outcome or run.step}: "
+                "only a failed, interrupted or succeeded run can be rolled back"
+            )
+        later = [
+            r
+            for r in self.journal.runs(limit=1000)
+            if r.id > run_id and r.platform_changed and r.outcome != "rolled_back"
+        ]
         if later:
-            raise ControlRefused(f"run {later[-1].id} changed the platform after run {run_id}: roll back run {later[-1].id} first")
+            raise ControlRefused(
+                f"run {later[-1].id} changed the platform after run {run_id}: roll back run {later[-1].id} first"
+            )
         if not run.platform_changed:
             raise ControlRefused(f"run {run_id} did not change the platform: there is nothing to roll back")
         model = RunModel(self.config, dict(run.facts), self.steps)
@@ -532,7 +553,9 @@ class Runner(threading.Thread):
                 f"the daemon stopped during {run.step} ({changed}{maintenance}); nothing was re-run. "
                 f"Inspect, then `dropgate rollback {run.id}` or `dropgate resolve {run.id} --note ...`"
             )
-            self.journal.update_run(run.id, outcome="interrupted", finished=self.now(), step_deadline=None, error=message)
+            self.journal.update_run(
+                run.id, outcome="interrupted", finished=self.now(), step_deadline=None, error=message
+            )
             self.event(run.id, "interrupted", message)
             finished = self.journal.run(run.id)
             if finished is not None:

@@ -67,8 +67,10 @@ def run(ctx: StepContext) -> None:
             ctx.event(f"maintenance window open ({left / 60:.0f} min left)")
             return
         if not announced:
-            why = "no window is open" if left is None else (
-                f"the expected downtime ({expected:.0f}s) would overrun the open window ({left:.0f}s left)"
+            why = (
+                "no window is open"
+                if left is None
+                else (f"the expected downtime ({expected:.0f}s) would overrun the open window ({left:.0f}s left)")
             )
             ctx.event(f"waiting for a window ({', '.join(ctx.config.policy.windows)}): {why}")
             announced = True

@@ -7,6 +7,7 @@ stops it with SIGTERM; `site.cli` runs the real command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,7 +40,9 @@ def require_tool(name: str) -> str:
     return path
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -128,8 +131,11 @@ class Site:
             "trust": {"keys": ["keys/vendor.pub"]},
             "inbox": {"settle_seconds": 0.3, "rescan_seconds": 2},
             "prereq": {
-                "min_cpus": 1, "recommended_cpus": 1, "min_memory_gib": 0.25,
-                "recommended_memory_gib": 0.25, "min_free_percent": 1,
+                "min_cpus": 1,
+                "recommended_cpus": 1,
+                "min_memory_gib": 0.25,
+                "recommended_memory_gib": 0.25,
+                "min_free_percent": 1,
             },
             "maintenance": {"flag_file": "run/maintenance"},
             "metrics": {"listen": f"127.0.0.1:{self.port}"},
@@ -146,10 +152,16 @@ class Site:
         return self.config_path
 
     # -- the command line ----------------------------------------------------
-    def cli(self, *args: str, timeout: float = 120.0, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120.0, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pipeline", "--config", str(self.config_path), *args],
-            capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            input=input_text,
         )
 
     def status(self) -> dict[str, Any]:
@@ -237,11 +249,15 @@ class Site:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "--config", str(self.config_path), "run"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
             )
         daemon = DaemonProcess(self, proc, log_path)
         self.daemons.append(daemon)
         if wait:
+
             def ready() -> bool:
                 if not daemon.alive():
                     pytest.fail(f"the daemon exited with {proc.returncode}:\n{daemon.output()[-3000:]}")
@@ -254,7 +270,7 @@ class Site:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
                 return str(response.read().decode())
         except OSError:
             return None
@@ -290,14 +306,9 @@ def no_leaks() -> Iterator[None]:
     me = psutil.Process()
     children = me.children(recursive=True)
     for child in children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    leaked_threads = [
-        t for t in threading.enumerate()
-        if t not in threads_before and t.is_alive() and not t.daemon
-    ]
+    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
     names = [f"{c.pid}" for c in children]
     assert not names, f"the test left child processes running: {names}"
     assert not leaked_threads, f"the test left threads running: {leaked_threads}"

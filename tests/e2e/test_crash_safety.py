@@ -39,7 +39,7 @@ def test_sigkill_during_backup_gives_interrupted_blocks_the_gate_and_runs_nothin
     daemon = site.start_daemon()
     site.drop(site.pack("1.0.1"))
     site.wait_step(1, "backup")
-    wait_for(lambda: slow_backup.exists(), what="the dump to start")
+    wait_for(slow_backup.exists, what="the dump to start")
     assert site.metric("dropgate_step", 'dropgate_step="backup"') == 1.0
     assert site.metric("dropgate_gate", 'dropgate_gate="busy"') == 1.0
     started = site.metric("dropgate_step_started_timestamp_seconds") or 0
@@ -112,7 +112,7 @@ def test_a_second_sigterm_aborts_the_step_and_the_run_is_interrupted(site: Site,
     daemon = site.start_daemon()
     site.drop(site.pack("1.0.1"))
     site.wait_step(1, "backup")
-    wait_for(lambda: slow_backup.exists(), what="the dump to start")
+    wait_for(slow_backup.exists, what="the dump to start")
     daemon.proc.send_signal(signal.SIGTERM)
     # the first SIGTERM lets the step go on towards its safe point
     wait_for(lambda: "stopping at a safe point" in daemon.output(), what="the daemon to acknowledge SIGTERM")

@@ -14,7 +14,10 @@ def test_a_second_daemon_on_the_same_state_folder_is_refused_naming_the_first(si
     first = site.start_daemon()
     second = subprocess.run(
         [sys.executable, "-m", "pipeline", "--config", str(site.config_path), "run"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert second.returncode == 2
     assert f"another dropgate daemon (pid {first.pid}) holds" in second.stderr
@@ -36,7 +39,9 @@ def test_metrics_are_served_on_the_listener(site: Site) -> None:
         assert name in text, name
     heartbeat = site.metric("dropgate_heartbeat_timestamp_seconds")
     assert heartbeat
-    wait_for(lambda: (site.metric("dropgate_heartbeat_timestamp_seconds") or 0) > heartbeat, what="the heartbeat to move")
+    wait_for(
+        lambda: (site.metric("dropgate_heartbeat_timestamp_seconds") or 0) > heartbeat, what="the heartbeat to move"
+    )
 
 
 def test_commands_that_change_something_need_the_daemon(site: Site) -> None:

@@ -28,7 +28,7 @@ def test_a_file_written_slowly_in_chunks_is_not_taken_before_it_is_complete(site
             assert site.history() == [], "a file still open for writing was taken"
             assert target.exists()
     # Then once it is closed it is taken, whole
-    runs = wait_for(lambda: site.history(), what="the closed file to be taken")
+    runs = wait_for(site.history, what="the closed file to be taken")
     assert len(runs) == 1
     assert runs[0]["archive"] == "gts.2.0.0.tgz"
     assert runs[0]["size"] == 6 * len(chunk)
@@ -56,6 +56,7 @@ def test_two_hundred_files_dropped_at_once_all_end_as_runs_in_order(site: Site) 
     # When 200 files are dropped one after the other, as fast as the disk takes them
     for name in names:
         site.drop(f"payload of {name}".encode(), name)
+
     # Then every one becomes a run with an outcome, in the order they arrived, none lost
     def all_done() -> list[dict[str, object]] | None:
         runs = site.history()

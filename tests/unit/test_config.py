@@ -50,7 +50,13 @@ def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> 
 
 def test_a_shell_string_is_only_accepted_when_written_as_shell(tmp_path: Path) -> None:
     config = parse_config(
-        minimal(platform={"product": "gts", "root": "/srv", "services": {"stop": [["systemctl", "stop", "gts"], {"shell": "a | b"}]}}),
+        minimal(
+            platform={
+                "product": "gts",
+                "root": "/srv",
+                "services": {"stop": [["systemctl", "stop", "gts"], {"shell": "a | b"}]},
+            }
+        ),
         base=tmp_path,
     )
     stop = config.platform.services.stop
@@ -103,10 +109,16 @@ def test_the_example_config_loads_and_documents_every_key(tmp_path: Path) -> Non
 def test_a_bad_config_stops_the_daemon_with_exit_2_naming_the_key(tmp_path: Path) -> None:
     # Given a config with an unknown key and a bad duration
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(minimal(inbox={"settle_seconds": 2, "rescan_every": 5}, policy={"timeouts": {"apply": "x"}})))
+    path.write_text(
+        yaml.safe_dump(minimal(inbox={"settle_seconds": 2, "rescan_every": 5}, policy={"timeouts": {"apply": "x"}}))
+    )
     # When the daemon is started with it
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--config", str(path), "run"], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-m", "pipeline", "--config", str(path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     # Then it stops with exit code 2 and names both keys
     assert result.returncode == 2
@@ -117,7 +129,10 @@ def test_a_bad_config_stops_the_daemon_with_exit_2_naming_the_key(tmp_path: Path
 def test_a_missing_config_file_is_a_configuration_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "--config", str(tmp_path / "nope.yaml"), "status"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     assert "nope.yaml: cannot read the configuration" in result.stderr

@@ -18,7 +18,10 @@ from tests.conftest import wait_for
 def test_output_goes_to_the_log_line_by_line_with_the_context_environment() -> None:
     lines: list[str] = []
     run_command(
-        ["sh", "-c", 'echo "run $DROPGATE_RUN_ID"; echo oops >&2'], log=lines.append, what="hook", env={"DROPGATE_RUN_ID": "7"}
+        ["sh", "-c", 'echo "run $DROPGATE_RUN_ID"; echo oops >&2'],
+        log=lines.append,
+        what="hook",
+        env={"DROPGATE_RUN_ID": "7"},
     )
     assert "[hook] run 7" in lines
     assert "[hook] oops" in lines
@@ -37,7 +40,10 @@ def test_a_missing_program_is_a_clear_failure() -> None:
 
 def test_progress_lines_from_the_progress_fd_are_reported() -> None:
     seen: list[tuple[float, str | None]] = []
-    script = 'echo \'{"progress": 0.4, "message": "reindexing"}\' >/dev/fd/$DROPGATE_PROGRESS_FD; echo garbage >/dev/fd/$DROPGATE_PROGRESS_FD'
+    script = (
+        'echo \'{"progress": 0.4, "message": "reindexing"}\' >/dev/fd/$DROPGATE_PROGRESS_FD; '
+        "echo garbage >/dev/fd/$DROPGATE_PROGRESS_FD"
+    )
     lines: list[str] = []
     run_command(["sh", "-c", script], log=lines.append, on_progress=lambda r, m: seen.append((r, m)))
     assert seen == [(0.4, "reindexing")]
@@ -55,10 +61,15 @@ def test_the_deadline_kills_the_whole_process_group(tmp_path: Path) -> None:
     lines: list[str] = []
     # When its deadline passes
     with pytest.raises(StepTimeout, match="still running at the step's time limit"):
-        run_command(["sh", "-c", script], log=lines.append, what="post_apply", deadline=time.time() + 1.0, grace_seconds=1.0)
+        run_command(
+            ["sh", "-c", script], log=lines.append, what="post_apply", deadline=time.time() + 1.0, grace_seconds=1.0
+        )
     # Then the child is gone too
     child = _pid_from(pidfile)
-    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, what="the child to die")
+    wait_for(
+        lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+        what="the child to die",
+    )
     assert any("killed (process group" in line for line in lines)
 
 

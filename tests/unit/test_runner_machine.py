@@ -43,7 +43,15 @@ def test_a_patch_without_options_goes_straight_through() -> None:
 
 def test_optional_steps_are_entered_only_when_required() -> None:
     assert walk(approval=True, window=True, maintenance=True) == [
-        "validate", "prereq", "approval", "window", "backup", "maintenance", "apply", "verify", "succeeded",
+        "validate",
+        "prereq",
+        "approval",
+        "window",
+        "backup",
+        "maintenance",
+        "apply",
+        "verify",
+        "succeeded",
     ]
     assert walk(window=True) == ["validate", "prereq", "window", "backup", "apply", "verify", "succeeded"]
 
@@ -64,7 +72,9 @@ def test_rejection_is_only_possible_before_backup_and_failure_only_after() -> No
 
 
 def test_graph_prints_every_state_as_mermaid() -> None:
-    result = subprocess.run([sys.executable, "-m", "pipeline", "graph"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "graph"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert result.returncode == 0
     assert "stateDiagram-v2" in result.stdout
     for state in MACHINE_STATES:
