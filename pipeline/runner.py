@@ -45,6 +45,7 @@ ROLLBACK_AFTER = ("maintenance", "apply", "verify")
 ROLLBACK_OF_OUTCOMES = ("failed", "interrupted", "succeeded")
 MACHINE_STATES = ("queued", *STEPS, "rollback", *OUTCOMES)
 PROGRESS_WRITE_INTERVAL = 0.5
+COMPARABLE_RUNS = 3
 
 
 def machine_transitions() -> list[dict[str, Any]]:
@@ -397,7 +398,18 @@ class Runner(threading.Thread):
             return
         self._finish(run, model, None, None)
 
+    def _expected_downtime(self) -> float:
+        """What the last comparable runs (those that had a downtime) say this one's will be: the longest."""
+        downtimes = [
+            float(run.facts["downtime_seconds"])
+            for run in self.journal.runs(limit=200)
+            if run.outcome == "succeeded" and run.facts.get("downtime_seconds") is not None
+        ]
+        return max(downtimes[:COMPARABLE_RUNS], default=0.0)
+
     def _run_step(self, run: Run, model: RunModel, step: str) -> StepFailed | None:
+        if step == "window":
+            model.facts["expected_downtime_seconds"] = self._expected_downtime()
         limit = self.config.policy.timeouts.limit(step)
         started = self.now()
         deadline = started + limit if limit > 0 else None
