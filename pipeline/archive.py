@@ -152,7 +152,9 @@ def parse_archive_name(name: str) -> tuple[str, str]:
     if not name.endswith(".tgz"):
         raise ArchiveRejected(f"archive name {_q(name)} does not end in .tgz ({example})")
     product, dot, version = name[: -len(".tgz")].partition(".")
-    if not dot or not PRODUCT.match(product):
+    if not dot:
+        raise ArchiveRejected(f"archive name {_q(name)} has no version ({example})")
+    if not PRODUCT.match(product):
         raise ArchiveRejected(f"archive name {_q(name)} does not start with a product name ({example})")
     try:
         Version.parse(version)
@@ -666,7 +668,7 @@ def _read_head(inflater: _Inflater) -> tuple[bytes, bytes]:
             header = _parse_header(block)
         except ArchiveRejected:
             raise ArchiveRejected(
-                f"not a dropgate archive: where {name} should be, there is no valid tar header"
+                f"not a dropgate archive: no valid tar header where {name} should be"
             ) from None
         if header.name != name.encode() or header.kind not in _REGULAR:
             position = "first" if name == MANIFEST_NAME else "second"

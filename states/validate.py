@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from pipeline.archive import Manifest, authenticate, load_trusted_keys, parse_archive_name, stage_payload
@@ -85,6 +85,8 @@ def staging(path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        with suppress(OSError):
+            path.parent.rmdir()  # only when no other run's staging is there
 
 
 def _make_room(target: Path, root: Path) -> None:
