@@ -90,3 +90,31 @@ def test_sigterm_stops_an_idle_daemon_cleanly(site: Site) -> None:
     daemon = site.start_daemon()
     assert daemon.stop() == 0
     assert not (site.state / "control.sock").exists()
+
+
+def test_the_status_page_and_json_are_served_read_only(site: Site) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    site.start_daemon()
+    base = f"http://127.0.0.1:{site.port}"
+    with urllib.request.urlopen(base + "/", timeout=5) as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+    assert "<title>dropgate — update status</title>" in page
+    assert "status.json" in page  # the page refreshes itself from it
+    with urllib.request.urlopen(base + "/status.json", timeout=5) as response:
+        status = json.loads(response.read())
+    assert status["gate"] == "idle"
+    assert status["installed_version"] == "1.0.0"
+    assert status["daemon"]["running"] is True
+    with urllib.request.urlopen(base + "/history.json", timeout=5) as response:
+        assert json.loads(response.read()) == []
+    request = urllib.request.Request(base + "/status.json", data=b"{}", method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=5)
+    except urllib.error.HTTPError as error:
+        assert error.code == 501  # nothing on this listener changes anything
+    else:
+        raise AssertionError("a POST was accepted")
