@@ -288,8 +288,13 @@ def _cross_field_problems(config: Config) -> list[str]:
         problems.append("prereq.recommended_cpus: must be at least prereq.min_cpus")
     if prereq.recommended_memory_gib < prereq.min_memory_gib:
         problems.append("prereq.recommended_memory_gib: must be at least prereq.min_memory_gib")
-    if config.auto_update.enabled and not config.auto_update.feed:
-        problems.append("auto_update.feed: required when auto_update.enabled is true")
+    if config.auto_update.enabled:
+        # Accepted and documented so that configurations can be written now; refusing it beats
+        # an operator believing updates arrive at midnight when nothing fetches them.
+        problems.append(
+            "auto_update.enabled: the scheduled fetcher is not part of this release; "
+            "drop archives into paths.inbox (or fetch them there with your own timer)"
+        )
     names = [dump.name for dump in config.backup.dumps]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"backup.dumps: the name {name!r} is used twice")

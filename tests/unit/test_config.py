@@ -136,3 +136,8 @@ def test_a_missing_config_file_is_a_configuration_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "nope.yaml: cannot read the configuration" in result.stderr
+
+
+def test_auto_update_cannot_be_switched_on_before_the_fetcher_exists(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"auto_update.enabled: the scheduled fetcher is not part of this release"):
+        parse_config(minimal(auto_update={"enabled": True, "feed": "https://vendor.example/feed"}), base=tmp_path)
