@@ -280,7 +280,8 @@ def check_filesystems(systems: Iterable[Filesystem], limits: Thresholds) -> list
             continue
         after = 100.0 * (usage.free - needed) / usage.total if usage.total else 0.0
         message = f"needs {format_bytes(needed)} ({detail}), {format_bytes(usage.free)} free"
-        if after < limits.min_free_percent:
+        if limits.min_free_percent <= usage.free_percent and after < limits.min_free_percent:
+            # Already below: the free_space check says so; this notice is for a filesystem the update tips over.
             message += f"; {_percent(_floor(after))} would be left, below the {_percent(limits.min_free_percent)}"
             checks.append(Check("disk_needed", "notice", message, system.mount))
         else:
