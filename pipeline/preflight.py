@@ -277,7 +277,7 @@ def read_scripts(manifest: Mapping[str, Any], release: Path | None, config: Conf
         what = "migration" if role == "migration" else role.replace("_", "-") + " hook"
         if entry is None:
             checks.append(Check("scripts", "critical", f"the {what} {path} is not in the archive's files"))
-        elif runs_with is None:
+        elif runs_with is None and release is not None:  # unread (payload refused): nothing to judge by
             suffix = Path(path).suffix or "(no suffix)"
             message = (
                 f"the {what} {path} is not executable, has no #! line and no "

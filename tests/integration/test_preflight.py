@@ -227,6 +227,25 @@ def test_an_archive_signed_by_an_unknown_key_is_critical(site: Site, tmp_path: P
     assert output["update"] is None
 
 
+def test_a_damaged_payload_is_critical_and_leaves_no_temporary_files(site: Site, tmp_path: Path) -> None:
+    # Given a signed archive whose last bytes (inside the payload) were damaged after signing
+    archive = pack(site, "1.0.1", {"VERSION": "1.0.1\n", "big.txt": "lorem ipsum " * 5000})
+    data = bytearray(archive.read_bytes())
+    data[-40] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    # When it is previewed
+    result = site_cli(site, {**os.environ, "TMPDIR": str(scratch)}, "preflight", str(archive), "--json")
+    # Then its signature is fine but its payload is refused, and the temporary folder is gone
+    assert result.returncode == 1, result.stderr
+    checks = checks_of(json.loads(result.stdout))
+    assert checks["archive"]["level"] == "ok"
+    assert checks["payload"]["level"] == "critical"
+    assert checks["payload"]["message"].startswith("gts.1.0.1.tgz: ")
+    assert list(scratch.iterdir()) == []
+
+
 def test_a_blocked_gate_is_critical(site: Site) -> None:
     # Given a run that rolled back and is not yet resolved
     journal = Journal(site.state / "journal.db")
