@@ -71,7 +71,7 @@ def intruder(key_id: str) -> SigningKey:
     return SigningKey(key_id, Ed25519PrivateKey.generate())
 
 
-def payload_offset(data: bytes) -> int:
+def payload_offset(data: bytes | bytearray) -> int:
     """Where the payload's gzip member starts: right after the head member."""
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     decompressor.decompress(data)
