@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.errors import ArchiveRejected
-from pipeline.signing import SigningKey
+from pipeline.signing import SigningKey, load_signing_key
 from states import validate
 from tests.archive_helpers import (
     INSTALLED,
@@ -38,6 +38,7 @@ from tests.archive_helpers import (
     signer,
     tree,
 )
+from tests.conftest import Site
 
 GOOD = {"VERSION": b"3.19.274\n", "bin/app": b"#!/bin/sh\necho hi\n"}
 MODES = {"bin/app": 0o755}
@@ -518,3 +519,50 @@ def test_the_same_site_accepts_the_well_formed_archive(tmp_path: Path) -> None:
     release = site.platform / "releases" / "3.19.274"
     assert (release / "bin" / "app").read_bytes() == GOOD["bin/app"]
     assert (release / "bin" / "app").stat().st_mode & 0o777 == 0o755
+
+
+# -- through the real daemon ---------------------------------------------------------
+
+
+def test_the_daemon_rejects_hostile_drops_keeps_them_aside_and_goes_on(site: Site) -> None:
+    # Given a running daemon on a site with 1.0.0 live, trusting the vendor key
+    private, _ = site.keypair()
+    key = load_signing_key(private)
+    files = {"VERSION": b"2.0.0\n"}
+    hostile = {
+        "gts.2.0.0.tgz": (
+            [*members_for(files), Member("payload/escape", kind=tarfile.SYMTYPE, link="/etc")],
+            "member 'payload/escape' is a symbolic link (→ '/etc')",
+        ),
+        "gts.2.0.1.tgz": (
+            [*members_for(files), Member("payload/../../../evil", b"owned")],
+            "member 'payload/../../../evil': '..' path component",
+        ),
+        "gts.0.9.0.tgz": (
+            members_for(files),
+            "downgrade refused: the archive's version 0.9.0 is older than the installed 1.0.0",
+        ),
+    }
+    daemon = site.start_daemon()
+
+    # When each is dropped into the inbox
+    for name, (payload, _expect) in hostile.items():
+        version = name[len("gts.") : -len(".tgz")]
+        archive = forge(site.root / name, manifest_fields(files, version=version), payload_member(payload), signer(key))
+        site.drop(archive, name)
+
+    # Then each run is rejected with its own reason, in status, show and the reason file beside the kept archive
+    for run_id, (name, (_payload, expect)) in enumerate(hostile.items(), start=1):
+        run = site.wait_outcome(run_id)
+        assert (run["archive"], run["outcome"]) == (name, "rejected")
+        assert expect in run["error"]
+        assert expect in site.cli("show", str(run_id)).stdout
+        kept = site.state / "rejected" / f"{run_id}-{name}"
+        assert kept.exists()
+        assert expect in (site.state / "rejected" / f"{run_id}-{name}.reason").read_text()
+    # nothing was installed or left in staging, nothing escaped, and the daemon is still serving
+    assert sorted(p.name for p in (site.platform / "releases").iterdir()) == ["1.0.0"]
+    assert not (site.platform / ".staging").exists()
+    assert not (site.root / "evil").exists()
+    assert daemon.alive()
+    assert site.status()["gate"] == "idle"
