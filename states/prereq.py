@@ -9,6 +9,7 @@ what was found against what is required. The thresholds come from
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from pipeline.versions import Version
 from states.verify import check_platform
 
 Level = Literal["ok", "notice", "critical"]
-LEVELS: tuple[Level, ...] = ("ok", "notice", "critical")
 
 GIB = 2**30
 
@@ -109,7 +109,7 @@ def effective_thresholds(config: Config, requirements: Mapping[str, Any] | None)
             problems.append(Check("requirements", "notice", message))
             continue
         if wanted > values[key]:
-            values[key] = _REQUIREMENTS[key](wanted)
+            values[key] = math.ceil(wanted) if _REQUIREMENTS[key] is int else float(wanted)
             raised.add(key)
     # A raised minimum raises the recommendation with it (never the other way round).
     values["recommended_cpus"] = max(values["recommended_cpus"], values["min_cpus"])
