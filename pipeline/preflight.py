@@ -11,6 +11,28 @@ hooks are read from a temporary folder that is removed afterwards; nothing
 else is written anywhere.
 
 Exit codes: 0 nothing critical, 1 something critical, 2 configuration or usage error.
+
+`--json` prints one object (keys are stable; new keys may be added):
+
+    ok                  true when no check is critical
+    counts              {ok, notice, critical}: how many checks of each level
+    installed_version   the live release's version, or null
+    checks              [{name, level, subject, message}] in the table's order; name is one of
+                        archive, payload, scripts, version, cpus, memory, requirements, free_space,
+                        disk_needed, data_paths, health, gate, daemon; subject is a mount point
+                        for free_space/disk_needed, else ""
+    thresholds          {min_cpus, recommended_cpus, min_memory_gib, recommended_memory_gib,
+                        min_free_percent, free_bytes, free_margin_percent, raised_by_archive: [name]}
+    filesystems         [{mount, roles, total_bytes, free_bytes, free_percent,
+                          needs: {release|backup|archive|archive requirement: bytes}, needed_bytes}]
+    update              null without an archive (or when it cannot be authenticated), else
+                        {archive, size_bytes, product, version, channel, key_id, min_version,
+                         from_version, to_version, downtime, downtime_reason, requirements,
+                         files: {added: [{path, size, old_size, what}], changed: [...], removed: [...],
+                                 unchanged, growth_bytes},
+                         migrations: [{path, role, runs_with, sql}], hooks: {pre_apply, post_apply},
+                         scripts: [{path, role, runs_with, sql}] (hooks and migrations in run order),
+                         notes, release_bytes, backup_bytes}
 """
 
 from __future__ import annotations
