@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.archive import Manifest, authenticate, load_trusted_keys, parse_archive_name, stage_payload
 from pipeline.context import StepContext
-from pipeline.errors import ArchiveRejected, ConfigError
+from pipeline.errors import ArchiveRejected, ConfigError, StepFailed
 from pipeline.release import (
     current_release,
     installed_version,
@@ -107,7 +107,10 @@ def run(ctx: StepContext) -> None:
     config = ctx.config
     limits = config.limits
     root = config.platform.root
-    size = ctx.archive.stat().st_size
+    try:
+        size = ctx.archive.stat().st_size
+    except OSError as error:
+        raise StepFailed(f"cannot read the spooled archive {ctx.archive}: {error.strerror}") from error
     if size > limits.max_archive_bytes:
         raise ArchiveRejected(
             f"the archive is {size} bytes, above limits.max_archive_bytes ({limits.max_archive_bytes})"
