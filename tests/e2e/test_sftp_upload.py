@@ -1,0 +1,262 @@
+"""Uploading over SFTP, end to end: a real sshd with the shipped drop-in, the real sftp client, the real daemon.
+
+The sshd here runs on a loopback port with its own host key and a config made
+of a small test header plus deploy/sshd/dropgate-inbox.conf, with two changes
+to the drop-in only: the Match names the group `root` (the test logs in as
+root, by key, instead of creating a system user in dropgate-upload on the
+machine running the tests) and ChrootDirectory names this test's chroot. The
+header allows what a production sshd must not and a throwaway one needs:
+root login by key, `StrictModes no` (the keys live under /tmp, mode 1777,
+which StrictModes refuses) and no PAM.
+
+sshd refuses a chroot that is not root-owned and closed to others at every
+level, which rules out anything under /tmp; so the chroot, holding the inbox
+and the state folder (one filesystem, as in production), is a fresh folder
+under /run (or /var/lib), removed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI, ROOT, Site, free_port, require_tool, wait_for
+
+DROP_IN = ROOT / "deploy" / "sshd" / "dropgate-inbox.conf"
+PAYLOAD_BYTES = 3 * 2**20  # incompressible: the archive is as long, so half of it is a real partial upload
+
+
+def tool(name: str) -> str:
+    """A system tool, also found in /usr/sbin (sshd) when that is not on PATH."""
+    sbin = Path("/usr/sbin") / name
+    if shutil.which(name) is None and os.access(sbin, os.X_OK):
+        return str(sbin)
+    return require_tool(name)
+
+
+def closed_to_others(path: Path) -> bool:
+    """What sshd demands of a chroot and every folder above it: owned by root, writable by no one else."""
+    for folder in (path, *path.parents):
+        info = folder.stat()
+        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+    return True
+
+
+@pytest.fixture
+def chroot() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        message = "sshd with a chroot needs root"
+        if IN_CI:
+            pytest.fail(f"{message}, and CI must run every test")
+        pytest.skip(message)
+    base = next((Path(p) for p in ("/run", "/var/lib", "/srv") if Path(p).is_dir() and closed_to_others(Path(p))), None)
+    if base is None:
+        pytest.fail("no root-only folder for an sshd chroot (tried /run, /var/lib, /srv)")
+    folder = Path(tempfile.mkdtemp(prefix="dropgate-sftp-", dir=base))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def sftp_site(site: Site, chroot: Path) -> Iterator[Site]:
+    """The sandbox site with its inbox and state folder inside the chroot, laid out as in production."""
+    inbox, state = chroot / "inbox", chroot / "state"
+    inbox.mkdir(mode=0o3770)
+    state.mkdir(mode=0o2750)
+    site.inbox, site.state = inbox, state
+    site.write_config(paths={"inbox": str(inbox), "state": str(state)})
+    yield site
+    for daemon in site.daemons:  # before the chroot, and the state folder in it, is removed
+        daemon.stop()
+
+
+class Sshd:
+    def __init__(self, folder: Path, chroot: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        keygen = tool("ssh-keygen")
+        self.host_key = folder / "ssh_host_ed25519_key"
+        self.user_key = folder / "id_ed25519"
+        for key in (self.host_key, self.user_key):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+        (folder / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
+        host_public = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
+        self.known_hosts = folder / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_public}\n")
+
+        drop_in = DROP_IN.read_text()
+        assert "Match Group dropgate-upload\n" in drop_in
+        assert "ChrootDirectory /var/lib/dropgate\n" in drop_in
+        drop_in = drop_in.replace("Match Group dropgate-upload\n", "Match Group root\n")
+        drop_in = drop_in.replace("ChrootDirectory /var/lib/dropgate\n", f"ChrootDirectory {chroot}\n")
+        header = "\n".join([
+            f"Port {self.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.host_key}",
+            "PidFile none",
+            f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password",
+            "StrictModes no",
+            "UsePAM no",
+            "Subsystem sftp internal-sftp",
+            "",
+        ])
+        self.config = folder / "sshd_config"
+        self.config.write_text(header + drop_in)
+        self.log_path = folder / "sshd.log"
+        sshd = tool("sshd")
+        # The privilege separation folder; the ssh service creates it at boot, a host where it never ran lacks it.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        checked = subprocess.run([sshd, "-t", "-f", str(self.config)], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sshd, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(self._listening, timeout=30, what="sshd to listen")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"sshd exited with {self.proc.returncode}:\n{self.log()}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def client_options(self) -> list[str]:
+        return [
+            "-F", "/dev/null",
+            "-i", str(self.user_key),
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+        ]
+
+    def sftp(self, *commands: str) -> subprocess.CompletedProcess[str]:
+        """Run `sftp -b` with these commands, as an uploader would from a script."""
+        batch = self.folder / "batch"
+        batch.write_text("\n".join(commands) + "\n")
+        return subprocess.run(
+            [tool("sftp"), "-b", str(batch), "-P", str(self.port), *self.client_options(), "root@127.0.0.1"],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    def ssh(self, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [tool("ssh"), "-p", str(self.port), *self.client_options(), "root@127.0.0.1", *command],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, chroot: Path) -> Iterator[Sshd]:
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    server = Sshd(folder, chroot)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def signed_archive(site: Site, version: str) -> Path:
+    return site.pack(version, files={"data/blob.bin": os.urandom(PAYLOAD_BYTES)})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_archive_uploaded_with_sftp_is_taken_and_installed(sftp_site: Site, sshd: Sshd) -> None:
+    site = sftp_site
+    # Given a running daemon and a signed archive on the uploader's machine
+    site.start_daemon()
+    archive = signed_archive(site, "1.0.1")
+    # When the uploader puts it with sftp, into the folder the session starts in
+    result = sshd.sftp("pwd", f"put {archive} {archive.name}")
+    # Then the session was chrooted and started in the inbox
+    assert result.returncode == 0, result.stderr + sshd.log()
+    assert "Remote working directory: /inbox" in result.stdout
+    # and the archive became run 1, which installed it
+    run = site.wait_outcome(1, timeout=120)
+    assert run["outcome"] == "succeeded", run
+    assert run["archive"] == archive.name
+    assert run["sha256"] == sha256(archive)
+    assert site.status()["installed_version"] == "1.0.1"
+    assert list(site.inbox.iterdir()) == []
+
+
+def test_the_upload_account_gets_no_shell(sftp_site: Site, sshd: Sshd) -> None:
+    # When the uploader tries to run a command over ssh
+    result = sshd.ssh("cat", "/etc/hostname")
+    # Then sshd refuses: the drop-in forces internal-sftp
+    assert result.returncode != 0
+    assert "sftp connections only" in result.stdout + result.stderr
+
+
+def test_a_cut_upload_is_left_alone_shown_as_uploading_then_resumed_with_reput_and_taken_once(
+    sftp_site: Site, sshd: Sshd
+) -> None:
+    site = sftp_site
+    # Given a running daemon and a signed archive
+    site.start_daemon()
+    archive = signed_archive(site, "1.0.1")
+    total = archive.stat().st_size
+    half = total // 2
+    cut = site.root / "cut" / archive.name
+    cut.parent.mkdir()
+    cut.write_bytes(archive.read_bytes()[:half])
+    # When only its first half arrives, under the final name (the connection dropped)
+    result = sshd.sftp(f"put {cut} {archive.name}")
+    assert result.returncode == 0, result.stderr + sshd.log()
+    # Then the daemon sees an upload in progress: N of M bytes, in the metrics and in `status`
+    wait_for(
+        lambda: site.metric("dropgate_inbox_uploading_bytes", f'file="{archive.name}"') == half,
+        timeout=60, what="the daemon to report the upload in progress",
+    )
+    assert site.metric("dropgate_inbox_uploading_total_bytes", f'file="{archive.name}"') == total
+    status = site.status()
+    assert status["uploading"] == [{"name": archive.name, "bytes": half, "total": total}]
+    assert f"uploading: {archive.name} {half} of {total} bytes" in site.cli("status").stdout
+    # and leaves it where it is: no run, nothing queued, the gate idle
+    assert site.history() == []
+    assert status["queued"] == []
+    assert status["gate"] == "idle"
+    assert (site.inbox / archive.name).stat().st_size == half
+
+    # When the uploader resumes with reput
+    result = sshd.sftp(f"reput {archive} {archive.name}")
+    assert result.returncode == 0, result.stderr + sshd.log()
+    # Then the whole archive is taken, once, and installed
+    run = site.wait_outcome(1, timeout=120)
+    assert run["outcome"] == "succeeded", run
+    assert run["sha256"] == sha256(archive)
+    assert [r["id"] for r in site.history()] == [1]
+    assert list(site.inbox.iterdir()) == []
+    assert site.status()["uploading"] == []
+    assert site.metric("dropgate_inbox_uploading_bytes", f'file="{archive.name}"') is None
