@@ -34,6 +34,7 @@ from pipeline.errors import ControlRefused, RollbackFailed, StepAborted, StepFai
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
+from pipeline.release import current_release
 from pipeline.runlog import RunLog
 
 log = logging.getLogger("dropgate")
@@ -487,6 +488,7 @@ class Runner(threading.Thread):
         }
         if outcome == "rejected":
             fields["path"] = str(self._set_aside(run, error or "rejected"))
+            self._discard_staged_release(run.id, model.facts)
         self.journal.update_run(run.id, **fields)
         summary = f"outcome: {outcome}" + (f" — {error}" if error else "")
         if outcome in ("failed", "rolled_back", "interrupted"):
@@ -496,6 +498,18 @@ class Runner(threading.Thread):
         if finished is not None:
             self.observers.run_finished(finished)
         self._publish_gate()
+
+    def _discard_staged_release(self, run_id: int, facts: dict[str, Any]) -> None:
+        """A rejected run leaves no trace among the releases: remove what its validate staged there."""
+        staged = facts.get("release_dir")
+        if not staged:
+            return
+        staged_path = Path(staged)
+        if staged_path == current_release(self.config.platform.root) or not staged_path.is_dir():
+            return
+        shutil.rmtree(staged_path, ignore_errors=True)
+        facts.pop("release_dir", None)
+        self.event(run_id, "rejected", f"removed the staged release {staged_path.name} (never made live)")
 
     def _set_aside(self, run: Run, reason: str) -> Path:
         """Move a rejected archive to `<state>/rejected/` with a `.reason` file beside it."""

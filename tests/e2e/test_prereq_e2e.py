@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.conftest import Site
 
@@ -85,11 +84,6 @@ def test_a_run_rejected_in_prereq_changes_nothing_and_runs_again_only_on_retry(s
     assert [(r["id"], r["outcome"]) for r in site.history()] == [(3, "succeeded"), (2, "rejected"), (1, "rejected")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate moves the staged release into releases/<version> before prereq runs, and nothing "
-    "removes it when prereq rejects the run (validate's own rejections leave no trace among the releases)",
-)
 def test_a_run_rejected_in_prereq_leaves_no_trace_among_the_releases(site: Site) -> None:
     # Given a daemon configured to need one core more than this machine has
     cores = usable_cpus()
