@@ -38,6 +38,19 @@ def socket_path(config: Config) -> Path:
     return config.paths.state / SOCKET_NAME
 
 
+def read_line(conn: socket.socket) -> bytes:
+    """One newline-terminated message (or what came before the peer closed), bounded in size."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("message too long")
+    return data
+
+
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
@@ -131,15 +144,7 @@ class ControlServer(threading.Thread):
 
     @staticmethod
     def _read(conn: socket.socket) -> dict[str, Any]:
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-            if len(data) > MAX_REQUEST:
-                raise ValueError("request too long")
-        request = json.loads(data)
+        request = json.loads(read_line(conn))
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
             raise ValueError('expected {"command": ...}')  # noqa: TRY004 (answered as a bad request)
         return request
@@ -176,12 +181,7 @@ def send(config: Config, request: dict[str, Any], *, timeout: float | None = 30.
         ) from error
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_line(sock)
     if not data:
         raise DaemonUnreachable(f"the daemon closed {path} without answering (is it stopping?)")
     answer = json.loads(data)
