@@ -1,6 +1,3 @@
-# ruff: noqa: PTH101, PTH102, PTH104, PTH105, PTH115, PTH116, PTH118, PTH208, PTH211
-# The copy loops work on str paths and file descriptors (os.*): Path objects per entry cost
-# measurably on trees of hundreds of thousands of files.
 """Snapshots of the platform's data: take, verify, restore, estimate, prune, list.
 
 A snapshot is a folder `<backups>/<run id>/`:
@@ -34,6 +31,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -178,20 +176,36 @@ class Manifest:
         return list(self.header.get("roots", []))
 
 
-def read_manifest(dest: Path) -> Manifest:
-    """Read `dest/manifest.jsonl`; SnapshotError if it is missing or not a manifest."""
+def iter_manifest(dest: Path) -> Iterator[dict[str, Any]]:
+    """The header of `dest/manifest.jsonl`, then its entries one by one (a tree of any size in little memory).
+
+    SnapshotError if it is missing, not a manifest, or damaged.
+    """
+    path = dest / MANIFEST
     try:
-        with open(dest / MANIFEST, encoding="utf-8") as handle:
-            lines = iter(handle)
-            header = json.loads(next(lines))
-            if header.get("format") != FORMAT:
-                raise SnapshotError(f"{dest / MANIFEST}: not a {FORMAT} manifest")
-            entries = [json.loads(line) for line in lines if line.strip()]
+        with open(path, encoding="utf-8") as handle:
+            header = json.loads(handle.readline() or "null")
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise SnapshotError(f"{path}: not a {FORMAT} manifest")
+            yield header
+            for number, line in enumerate(handle, start=2):
+                try:
+                    entry = json.loads(line)
+                    entry["root"], entry["path"], entry["type"]  # every entry has them
+                except (ValueError, KeyError, TypeError) as error:
+                    raise SnapshotError(f"{path}: line {number} is damaged ({error})") from error
+                yield entry
     except FileNotFoundError:
         raise SnapshotError(f"{dest}: the snapshot has no manifest") from None
-    except (StopIteration, ValueError) as error:
-        raise SnapshotError(f"{dest / MANIFEST}: the manifest is damaged ({error})") from error
-    return Manifest(header, entries)
+    except ValueError as error:
+        raise SnapshotError(f"{path}: the manifest is damaged ({error})") from error
+
+
+def read_manifest(dest: Path) -> Manifest:
+    """Read all of `dest/manifest.jsonl`; SnapshotError if it is missing or not a manifest."""
+    lines = iter_manifest(dest)
+    header = next(lines)
+    return Manifest(header, list(lines))
 
 
 def _file_sha256(path: Path | str, buffer: bytearray | None = None) -> str:
@@ -375,12 +389,16 @@ class Estimate:
 
 @dataclass
 class _Previous:
-    """The previous snapshot's file entries, by (source, path), to decide what is unchanged."""
+    """The previous snapshot's files, by source and path, to decide what is unchanged.
+
+    Each file is kept as a tuple in `_FILE_KEYS` order (a dict per file would cost
+    several times the memory on large trees).
+    """
 
     run: int | None
     path: Path | None
-    files: dict[tuple[str, str], dict[str, Any]]
-    roots: dict[str, str]  # source -> name under data/
+    files: dict[str, dict[str, tuple[Any, ...]]]  # source -> path -> fields
+    roots: dict[str, str]  # source -> its folder in the previous snapshot
     dumps: dict[str, int]
 
     @classmethod
@@ -388,36 +406,38 @@ class _Previous:
         if previous is None:
             return cls(None, None, {}, {}, {})
         info = read_summary(previous)
-        manifest = read_manifest(previous)
-        roots = {root["source"]: root["name"] for root in manifest.roots}
-        by_name = {root["name"]: root["source"] for root in manifest.roots}
-        files = {
-            (by_name[entry["root"]], entry["path"]): entry
-            for entry in manifest.entries
-            if entry.get("type") == "file" and entry.get("root") in by_name
-        }
-        return cls(info.run, previous, files, roots, dict(info.dumps))
+        lines = iter_manifest(previous)
+        header = next(lines)
+        roots = {root["source"]: os.path.join(previous, DATA, root["name"]) for root in header["roots"]}
+        by_name: dict[str, dict[str, tuple[Any, ...]]] = {root["name"]: {} for root in header["roots"]}
+        for entry in lines:
+            files = by_name.get(entry["root"])
+            if files is not None and entry["type"] == "file":
+                files[entry["path"]] = tuple(entry[key] for key in _FILE_KEYS)
+        files_by_source = {root["source"]: by_name[root["name"]] for root in header["roots"]}
+        return cls(info.run, previous, files_by_source, roots, dict(info.dumps))
 
-    def unchanged(self, source: str, rel: str, info: os.stat_result) -> dict[str, Any] | None:
-        """The previous entry if the live file at `rel` has not changed since, else None."""
-        entry = self.files.get((source, rel))
-        if entry is None:
+    def unchanged(self, source: str, rel: str, info: os.stat_result) -> tuple[Any, ...] | None:
+        """The previous fields of the live file at `rel` if it has not changed since, else None."""
+        files = self.files.get(source)
+        fields = files.get(rel) if files is not None else None
+        if fields is None:
             return None
+        size, mode, uid, gid, mtime_ns, dev, ino, ctime_ns, _sha256 = fields
         same = (
-            entry["size"] == info.st_size
-            and entry["mtime_ns"] == info.st_mtime_ns
-            and entry["mode"] == _mode(info)
-            and entry["uid"] == info.st_uid
-            and entry["gid"] == info.st_gid
-            and entry.get("src_ino") == info.st_ino
-            and entry.get("src_dev") == info.st_dev
-            and entry.get("src_ctime_ns") == info.st_ctime_ns
+            size == info.st_size
+            and mtime_ns == info.st_mtime_ns
+            and ino == info.st_ino
+            and ctime_ns == info.st_ctime_ns
+            and dev == info.st_dev
+            and uid == info.st_uid
+            and gid == info.st_gid
+            and mode == _mode(info)
         )
-        return entry if same else None
+        return fields if same else None
 
-    def copy_of(self, source: str, rel: str) -> Path:
-        assert self.path is not None
-        return self.path / DATA / self.roots[source] / rel
+    def copy_of(self, source: str, rel: str) -> str:
+        return f"{self.roots[source]}/{rel}"
 
 
 def _estimate(sources: Sequence[Path], previous: _Previous, dump_bytes: int) -> Estimate:
@@ -462,10 +482,18 @@ def probe_space(path: Path) -> Space:
 
 
 class _Copier:
-    """Copies one file and hashes it in the same pass; clones (FICLONE) where the filesystem can."""
+    """Copies one file, then hashes the copy: the hash in the manifest is that of the bytes stored.
+
+    The copy is a clone (FICLONE: shared extents, copy-on-write) where the filesystem
+    can, else an in-kernel copy (copy_file_range), else a read/write loop through
+    `write`. Each way stops being tried once the filesystem has refused it.
+    """
+
+    _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF)
 
     def __init__(self, reflink: bool, write: Callable[[int, memoryview], int] = os.write) -> None:
         self.reflink = reflink
+        self.kernel_copy = write is os.write
         self.write = write
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -478,24 +506,22 @@ class _Copier:
         return buf
 
     def copy(self, src: str, dst: str, owner: bool) -> tuple[str, os.stat_result]:
-        """Copy `src` to the new file `dst` with its mode, owner and times; return (sha256, src stat).
+        """Copy `src` to the new file `dst` with its mode, owner and times; return (sha256 of `dst`, src stat).
 
         A file that changes while it is copied is copied again (three tries, then the last copy
         stands, described by the stat it had when it was read).
         """
-        buf = self._buffer()
-        view = memoryview(buf)
         flags = os.O_RDONLY | os.O_NOFOLLOW
         try:
             fi = os.open(src, flags | os.O_NOATIME)
         except PermissionError:
             fi = os.open(src, flags)
         try:
-            fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fo = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 for _attempt in range(3):
                     before = os.fstat(fi)
-                    digest = self._clone_and_hash(fi, fo, buf, view)
+                    self._transfer(fi, fo)
                     after = os.fstat(fi)
                     if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
                         after.st_size,
@@ -503,9 +529,8 @@ class _Copier:
                         after.st_ctime_ns,
                     ):
                         break
-                    os.lseek(fi, 0, os.SEEK_SET)
-                    os.lseek(fo, 0, os.SEEK_SET)
-                    os.ftruncate(fo, 0)
+                    self._rewind(fi, fo)
+                digest = self._hash(fo)
                 if owner:
                     os.fchown(fo, after.st_uid, after.st_gid)
                 os.fchmod(fo, stat.S_IMODE(after.st_mode))
@@ -516,32 +541,55 @@ class _Copier:
             os.close(fi)
         return digest, after
 
-    def _clone_and_hash(self, fi: int, fo: int, buf: bytearray, view: memoryview) -> str:
-        digest = hashlib.sha256()
+    @staticmethod
+    def _rewind(fi: int, fo: int) -> None:
+        os.lseek(fi, 0, os.SEEK_SET)
+        os.lseek(fo, 0, os.SEEK_SET)
+        os.ftruncate(fo, 0)
+
+    def _transfer(self, fi: int, fo: int) -> None:
         if self.reflink:
             try:
                 fcntl.ioctl(fo, _FICLONE, fi)
             except OSError as error:
-                if error.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS):
+                if error.errno not in self._UNSUPPORTED:
                     raise
                 self.reflink = False  # this filesystem cannot; stop asking
             else:
                 with self._lock:
                     self.cloned += 1
-                while True:
-                    n = os.readv(fi, [buf])
-                    if not n:
-                        return digest.hexdigest()
-                    digest.update(view[:n])
+                return
+        if self.kernel_copy:
+            try:
+                while os.copy_file_range(fi, fo, 1 << 30):
+                    pass
+                return
+            except OSError as error:
+                if error.errno not in self._UNSUPPORTED:
+                    raise
+                self.kernel_copy = False
+                self._rewind(fi, fo)
+        buf = self._buffer()
+        view = memoryview(buf)
         while True:
             n = os.readv(fi, [buf])
             if not n:
-                return digest.hexdigest()
+                return
             chunk = view[:n]
-            digest.update(chunk)
             while chunk:
                 written = self.write(fo, chunk)
                 chunk = chunk[written:]
+
+    def _hash(self, fd: int) -> str:
+        digest = hashlib.sha256()
+        buf = self._buffer()
+        view = memoryview(buf)
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            n = os.readv(fd, [buf])
+            if not n:
+                return digest.hexdigest()
+            digest.update(view[:n])
 
 
 def _apply_meta(path: str, entry: Mapping[str, Any], owner: bool) -> None:
@@ -652,8 +700,7 @@ def take_snapshot(
             space=space,
             write=write,
         )
-        fresh = set(summary.pop("_fresh"))
-        _check_verified(partial, verify_snapshot(partial, fresh_only=fresh, checkpoint=checkpoint))
+        _check_verified(partial, verify_snapshot(partial, hashes=False, checkpoint=checkpoint))
         summary["verified_at"] = now()
         summary["verify_problems"] = []
         summary["finished"] = now()
@@ -696,7 +743,6 @@ def _fill(
     names = root_names(sources)
     copier = _Copier(reflink, write)
     counts = {"files": 0, "dirs": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "shared_files": 0}
-    fresh: list[tuple[str, str]] = []
     folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
     window: deque[tuple[dict[str, Any], str, Future[tuple[str, os.stat_result]]]] = deque()
@@ -713,7 +759,6 @@ def _fill(
                 raise _translate(error, src, partial, space, throttle) from error
             entry.update(_file_fields(info), sha256=digest)
             manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            fresh.append((entry["root"], entry["path"]))
             counts["new_files"] += 1
             counts["new_bytes"] += info.st_size
             counts["bytes"] += info.st_size
@@ -731,15 +776,15 @@ def _fill(
         }
         manifest.write(json.dumps(header, separators=(",", ":")) + "\n")
         (partial / DATA).mkdir()
-        for name, source in zip(names, sources, strict=True):
-            base = partial / DATA / name
-            for rel, info in _walk(source):
+        for name, source_path in zip(names, sources, strict=True):
+            source, base = str(source_path), str(partial / DATA / name)
+            for rel, info in _walk(source_path):
                 checkpoint()
                 kind = _kind(info)
                 if kind is None:
                     continue
-                src = str(source) if rel == "." else os.path.join(source, rel)
-                dst = str(base) if rel == "." else os.path.join(base, rel)
+                src = source if rel == "." else f"{source}/{rel}"
+                dst = base if rel == "." else f"{base}/{rel}"
                 current = src
                 entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
                 if kind == "dir":
@@ -756,9 +801,9 @@ def _fill(
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
                 else:
                     counts["files"] += 1
-                    shared = prev.unchanged(str(source), rel, info)
-                    if shared is not None and _link_previous(prev.copy_of(str(source), rel), dst, shared):
-                        entry.update({k: shared[k] for k in _FILE_KEYS})
+                    shared = prev.unchanged(source, rel, info)
+                    if shared is not None and _link_previous(prev.copy_of(source, rel), dst, shared):
+                        entry.update(zip(_FILE_KEYS, shared, strict=True))
                         counts["shared_files"] += 1
                         counts["bytes"] += info.st_size
                         throttle.add(info.st_size)
@@ -794,7 +839,6 @@ def _fill(
         "cloned_files": copier.cloned,
         "dumps": dump_sizes,
         "manifest_sha256": _file_sha256(manifest_path),
-        "_fresh": fresh,
     }
 
 
@@ -815,13 +859,14 @@ def _file_fields(info: os.stat_result) -> dict[str, Any]:
     }
 
 
-def _link_previous(previous_copy: Path, dst: str, entry: Mapping[str, Any]) -> bool:
+def _link_previous(previous_copy: str, dst: str, fields: tuple[Any, ...]) -> bool:
     """Hard-link the previous snapshot's copy if it is still as recorded; False to copy instead."""
+    size, mode, _uid, _gid, mtime_ns = fields[:5]
     try:
         info = os.lstat(previous_copy)
     except FileNotFoundError:
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_size != entry["size"] or info.st_mtime_ns != entry["mtime_ns"]:
+    if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns, _mode(info)) != (size, mtime_ns, mode):
         return False
     try:
         os.link(previous_copy, dst)
@@ -916,7 +961,7 @@ def _sync_filesystem(path: Path) -> None:
 def verify_snapshot(
     dest: Path,
     *,
-    fresh_only: Collection[tuple[str, str]] | None = None,
+    hashes: bool = True,
     checkpoint: Checkpoint = _no_checkpoint,
     progress: Progress = _no_progress,
     limit: int = 50,
@@ -924,57 +969,55 @@ def verify_snapshot(
     """Check the snapshot at `dest` against its manifest; the problems found (empty: verified).
 
     Every entry must be there with its type, size, mode and mtime, and nothing else;
-    every file's SHA-256 is recomputed (or only those in `fresh_only`, the files a
-    snapshot has just written: the others are hard links to files verified before).
+    every file's SHA-256 is recomputed unless `hashes` is false (the check right after
+    taking a snapshot, whose hashes were just computed from its own copies).
     The manifest must match the checksum the summary holds, when there is one.
     """
     problems: list[str] = []
-    try:
-        manifest = read_manifest(dest)
-    except SnapshotError as error:
-        return [str(error)]
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-        recorded = json.loads((dest / SUMMARY).read_text(encoding="utf-8"))["manifest_sha256"]
-        if recorded != _file_sha256(dest / MANIFEST):
+    expected_bytes = 0
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        summary = json.loads((dest / SUMMARY).read_text(encoding="utf-8"))
+        expected_bytes = int(summary["bytes"]) + sum(summary.get("dumps", {}).values()) if hashes else 0
+        if summary["manifest_sha256"] != _file_sha256(dest / MANIFEST):
             problems.append(f"{dest / MANIFEST}: changed since the snapshot was taken (checksum differs)")
-    expected_bytes = sum(e.get("size", 0) for e in manifest.entries if e["type"] in ("file", "dump"))
-    if fresh_only is not None:
-        expected_bytes = sum(
-            e["size"] for e in manifest.entries if e["type"] == "file" and (e["root"], e["path"]) in fresh_only
-        )
     throttle = _Throttle(progress, expected_bytes)
     buffer = bytearray(_BUFFER)
     listed: set[str] = {MANIFEST, SUMMARY, DATA}
-    for entry in manifest.entries:
-        checkpoint()
-        if len(problems) >= limit:
-            problems.append("… more problems not listed")
-            break
-        if entry["type"] == "dump":
-            path = dest / DUMPS / entry["path"]
-            listed.update({DUMPS, f"{DUMPS}/{entry['path']}"})
-        else:
-            path = dest / DATA / entry["root"] / entry["path"] if entry["path"] != "." else dest / DATA / entry["root"]
-            listed.add(f"{DATA}/{entry['root']}" + ("" if entry["path"] == "." else f"/{entry['path']}"))
-        problem = _check_entry(path, entry)
-        if problem is None and entry["type"] in ("file", "dump"):
-            rehash = fresh_only is None or (entry["root"], entry["path"]) in fresh_only
-            if rehash:
+    base = str(dest)
+    try:
+        for entry in itertools.islice(iter_manifest(dest), 1, None):
+            checkpoint()
+            if len(problems) >= limit:
+                problems.append("… more problems not listed")
+                break
+            rel = entry["path"]
+            if entry["type"] == "dump":
+                name = f"{DUMPS}/{rel}"
+                listed.add(DUMPS)
+            else:
+                name = f"{DATA}/{entry['root']}" if rel == "." else f"{DATA}/{entry['root']}/{rel}"
+            listed.add(name)
+            path = f"{base}/{name}"
+            problem = _check_entry(path, entry)
+            if problem is None and hashes and entry["type"] in ("file", "dump"):
                 try:
                     if _file_sha256(path, buffer) != entry["sha256"]:
                         problem = f"{path}: content differs from the manifest (SHA-256 mismatch)"
                 except OSError as error:
                     problem = f"{path}: cannot be read ({error.strerror})"
                 throttle.add(entry["size"])
-        if problem is not None:
-            problems.append(problem)
+            if problem is not None:
+                problems.append(problem)
+    except SnapshotError as error:
+        problems.append(str(error))
+        return problems
     if len(problems) < limit:
         problems.extend(_extra_entries(dest, listed))
     throttle.add(0, force=True)
     return problems[: limit + 1]
 
 
-def _check_entry(path: Path, entry: Mapping[str, Any]) -> str | None:
+def _check_entry(path: str, entry: Mapping[str, Any]) -> str | None:
     try:
         info = os.lstat(path)
     except FileNotFoundError:
