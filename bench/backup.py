@@ -55,7 +55,9 @@ def run_timed(argv: list[str]) -> Measure:
     """
     with tempfile.NamedTemporaryFile("r") as report:
         started = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], capture_output=True, text=True, check=False
+        )
         os.sync()
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
