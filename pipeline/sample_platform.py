@@ -129,7 +129,8 @@ def main():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print(f"release {{VERSION}} serving on 127.0.0.1:{{args.port}} (pid {{os.getpid()}})", flush=True)
-    stop.wait()
+    while not stop.wait(0.1):  # a signal taken by another thread only runs its handler here
+        pass
     server.shutdown()
     deadline = time.monotonic() + 5
     while active and time.monotonic() < deadline:
