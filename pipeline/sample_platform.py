@@ -126,7 +126,7 @@ def main():
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     print(f"release {{VERSION}} serving on 127.0.0.1:{{args.port}} (pid {{os.getpid()}})", flush=True)
     while not stop.wait(0.1):  # a signal taken by another thread only runs its handler here
@@ -373,7 +373,7 @@ def front(port: int, backend_port: int, flag: Path, status_url: str | None) -> i
     server = make_front(port, backend_port, flag, status_url)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"front on 127.0.0.1:{server.server_address[1]} → platform on port {backend_port}, flag {flag}", flush=True)
-    server.serve_forever()
+    server.serve_forever(poll_interval=0.1)
     server.server_close()
     return 0
 
