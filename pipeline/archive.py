@@ -667,9 +667,7 @@ def _read_head(inflater: _Inflater) -> tuple[bytes, bytes]:
         try:
             header = _parse_header(block)
         except ArchiveRejected:
-            raise ArchiveRejected(
-                f"not a dropgate archive: no valid tar header where {name} should be"
-            ) from None
+            raise ArchiveRejected(f"not a dropgate archive: no valid tar header where {name} should be") from None
         if header.name != name.encode() or header.kind not in _REGULAR:
             position = "first" if name == MANIFEST_NAME else "second"
             raise ArchiveRejected(
