@@ -56,7 +56,7 @@ DUMPS = "dumps"
 _BUFFER = 1 << 20
 _BLOCK = 4096
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
-_RESTORE_PREFIX = ".dropgate-restore."
+_RESTORE_PREFIX = ".dropgate-restore-"  # + pid: short, so that a name at the length limit still fits
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 Checkpoint = Callable[[], None]
@@ -1157,7 +1157,7 @@ def _restore_root(
             if _untouched(path, entry):
                 kept += 1
             else:
-                tmp = path.with_name(_RESTORE_PREFIX + path.name)
+                tmp = path.with_name(f"{_RESTORE_PREFIX}{os.getpid()}")
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
                 copy = copy_root if rel == "." else copy_root / rel
@@ -1190,7 +1190,7 @@ def _untouched(path: Path, entry: Mapping[str, Any]) -> bool:
 
 
 def _replace_with_symlink(path: Path, target: str) -> None:
-    tmp = path.with_name(_RESTORE_PREFIX + path.name)
+    tmp = path.with_name(f"{_RESTORE_PREFIX}{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)

@@ -362,3 +362,16 @@ def test_summary_records_the_manifest_checksum(live: Path, backups: Path) -> Non
 
     manifest.write_text(manifest.read_text().replace('"0600"', '"0644"'))
     assert any("changed since the snapshot was taken" in p for p in verify_snapshot(backups / "1"))
+
+
+def test_restore_handles_names_at_the_length_limit(live: Path, backups: Path) -> None:
+    longest = live / ("n" * 255)
+    longest.write_text("before")
+    expected = tree_digest(live)
+    take_snapshot([live], backups / "1", run_id=1)
+    longest.write_text("after, and longer")
+
+    restore_snapshot(backups / "1")
+
+    assert longest.read_text() == "before"
+    assert tree_digest(live) == expected

@@ -1,0 +1,202 @@
+"""Rollback end to end: the real daemon, real signed archives, a platform tree with data and a dump.
+
+Each update runs a migration that really changes the platform's data (rewrites,
+adds and removes files, changes modes) and its database file (kept outside the
+data paths, so only the dump brings it back). The platform must end
+byte-identical to before the update: the full tree hash includes every path,
+type, mode, owner, mtime and content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from tests.conftest import Site
+
+
+def tree_digest(root: Path) -> str:
+    """One hash over every entry under `root` (itself included): path, type, mode, owner, mtime, content."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for path in [Path(folder)] if Path(folder) == root else []:
+            info = path.lstat()
+            digest.update(f".|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns}|".encode())
+        for name in sorted([*dirs, *files]):
+            path = Path(folder, name)
+            info = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
+            digest.update(f"{info.st_uid}:{info.st_gid}|{info.st_mtime_ns}|".encode())
+            if stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(info.st_mode):
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def populate(site: Site) -> Path:
+    """A data tree worth restoring, and a database file only the dump covers; returns the database."""
+    data = site.data
+    (data / "uploads" / "2026" / "11").mkdir(parents=True)
+    for n in range(40):
+        (data / "uploads" / "2026" / "11" / f"scan-{n:02d}.pdf").write_bytes(os.urandom(4096 + 37 * n))
+    (data / "uploads" / "large.bin").write_bytes(os.urandom(3 * 2**20))
+    (data / "config").mkdir()
+    (data / "config" / "app.key").write_text("secret\n")
+    (data / "config" / "app.key").chmod(0o600)
+    (data / "config").chmod(0o750)
+    (data / "latest.pdf").symlink_to("uploads/2026/11/scan-07.pdf")
+    database = site.root / "db.sqlite"
+    database.write_bytes(b"TABLE patients v1\n" * 1000)
+    site.write_config(
+        backup={
+            "dumps": [
+                {
+                    "name": "db",
+                    "command": ["cat", str(database)],
+                    "restore": {"shell": f'cat > "{database}"'},
+                }
+            ]
+        }
+    )
+    return database
+
+
+def damaging_migration(site: Site, database: Path, *, exit_code: int) -> str:
+    """A migration that changes every kind of thing in the data and the database, then exits `exit_code`."""
+    data = site.data
+    return f"""#!/bin/sh
+set -e
+echo "patient records, migrated" > "{data}/records.txt"
+rm "{data}/uploads/2026/11/scan-03.pdf"
+echo new > "{data}/uploads/2026/11/added-by-migration.txt"
+mkdir -p "{data}/cache/tmp" && echo x > "{data}/cache/tmp/x"
+chmod 0644 "{data}/config/app.key"
+chmod 0777 "{data}/config"
+dd if=/dev/zero of="{data}/uploads/large.bin" bs=4096 count=1 seek=10 conv=notrunc 2>/dev/null
+rm "{data}/latest.pdf" && ln -s uploads/2026/11/scan-09.pdf "{data}/latest.pdf"
+echo "TABLE patients v2" >> "{database}"
+exit {exit_code}
+"""
+
+
+def update(site: Site, version: str, migration: str) -> Path:
+    return site.pack(version, files={"migrations/001.sh": migration}, migrations=["migrations/001.sh"])
+
+
+def test_an_update_failing_in_apply_is_rolled_back_to_a_byte_identical_platform(site: Site) -> None:
+    # Given a platform with data and a database, and an update whose migration changes both, then fails
+    database = populate(site)
+    data_before, database_before = tree_digest(site.data), database.read_bytes()
+    archive = update(site, "1.1.0", damaging_migration(site, database, exit_code=3))
+    site.start_daemon()
+
+    # When the update runs
+    site.drop(archive)
+    run = site.wait_outcome(1, timeout=120)
+
+    # Then the run ends rolled_back: the previous release live, the data and database exactly as before
+    assert run["outcome"] == "rolled_back", run["error"]
+    assert "migration 1/1 migrations/001.sh failed with exit code 3" in run["error"]
+    assert os.readlink(site.platform / "current") == "releases/1.0.0"
+    assert tree_digest(site.data) == data_before
+    assert database.read_bytes() == database_before
+    assert not (site.root / "run" / "maintenance").exists()
+    messages = [event["message"] for event in site.show(1)["events"]]
+    assert any(m.startswith("snapshot of 1 path: 43 files") and m.endswith("verified") for m in messages)
+    assert any(m.startswith("data restored in ") for m in messages)
+    assert any(m.startswith("dump db restored from ") for m in messages)
+    # And the gate is blocked until an operator looks
+    assert site.status()["gate"] == "blocked"
+
+
+def test_an_update_failing_in_verify_is_rolled_back_to_the_previous_release_and_data(site: Site) -> None:
+    # Given an update whose migration succeeds in changing the data, and whose release is broken:
+    # the health check passes on 1.0.0 and fails once current points at 1.1.0
+    database = populate(site)
+    data_before, database_before = tree_digest(site.data), database.read_bytes()
+    site.write_config(
+        verify={"commands": [["test", "!", "-e", str(site.platform / "current" / "BROKEN")]], "interval_seconds": 0.2},
+        policy={"timeouts": {"verify": "3s"}},
+    )
+    archive = site.pack(
+        "1.1.0",
+        files={"migrations/001.sh": damaging_migration(site, database, exit_code=0), "BROKEN": "yes\n"},
+        migrations=["migrations/001.sh"],
+    )
+    site.start_daemon()
+
+    # When the update is applied (current switched to 1.1.0) and fails its checks
+    site.drop(archive)
+    run = site.wait_outcome(1, timeout=120)
+
+    # Then it ends rolled_back with 1.0.0 live again and the data and database byte-identical
+    assert run["outcome"] == "rolled_back", run["error"]
+    assert run["step"] in ("verify", "rollback", "rolled_back")
+    messages = [event["message"] for event in site.show(1)["events"]]
+    assert any("current → releases/1.1.0" in m for m in messages)  # it really was switched
+    assert os.readlink(site.platform / "current") == "releases/1.0.0"
+    assert tree_digest(site.data) == data_before
+    assert database.read_bytes() == database_before
+    assert site.status()["gate"] == "blocked"
+
+
+def test_with_policy_hold_the_operator_rolls_back_and_the_platform_is_restored(site: Site) -> None:
+    # Given policy hold: a failed update stays as it failed, for support to inspect
+    database = populate(site)
+    data_before, database_before = tree_digest(site.data), database.read_bytes()
+    site.write_config(policy={"on_failure": "hold"})
+    site.start_daemon()
+    site.drop(update(site, "1.1.0", damaging_migration(site, database, exit_code=1)))
+    run = site.wait_outcome(1, timeout=120)
+    assert run["outcome"] == "failed", run["error"]
+    assert tree_digest(site.data) != data_before  # left as the migration made it
+
+    # When the operator asks for a rollback
+    result = site.cli("rollback", "1")
+
+    # Then the run is rolled_back and the platform byte-identical to before the update
+    assert result.returncode == 0, result.stderr
+    assert site.run(1)["outcome"] == "rolled_back"  # type: ignore[index]
+    assert tree_digest(site.data) == data_before
+    assert database.read_bytes() == database_before
+    assert os.readlink(site.platform / "current") == "releases/1.0.0"
+    listing = site.cli("backups", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert '"verified": true' in listing.stdout
+
+
+def test_a_rollback_from_a_damaged_snapshot_fails_loudly_and_leaves_the_snapshot_alone(site: Site) -> None:
+    # Given an update whose migration also damages this run's snapshot (same size, so only the hash tells)
+    database = populate(site)
+    ref = site.root / "mtime-ref"
+    tamper = (
+        'copy="$DROPGATE_BACKUP_DIR/data/data/records.txt"\n'
+        f'touch -r "$copy" "{ref}"\n'
+        'printf "PATIENT RECORDS\\n" > "$copy"\n'
+        f'touch -r "{ref}" "$copy"\n'
+        "exit 1"
+    )
+    migration = damaging_migration(site, database, exit_code=1).replace("exit 1", tamper)
+    site.start_daemon()
+    site.drop(update(site, "1.1.0", migration))
+
+    # When the update fails and the automatic rollback finds the snapshot damaged
+    run = site.wait_outcome(1, timeout=120)
+    snapshot = site.backups / "1"
+
+    # Then the rollback fails loudly: the run is not rolled_back, the gate is blocked,
+    # the error names the damaged file, and the snapshot is left exactly as found
+    assert run["outcome"] != "rolled_back"
+    assert "ROLLBACK FAILED" in run["error"]
+    assert f"{snapshot}/data/data/records.txt: content differs from the manifest" in run["error"]
+    assert site.status()["gate"] == "blocked"
+    assert (snapshot / "data" / "data" / "records.txt").read_text() == "PATIENT RECORDS\n"
+    assert (site.data / "records.txt").read_text() == "patient records, migrated\n"  # nothing was restored
+    checked = site.cli("backups", "verify", "1")
+    assert checked.returncode == 1
+    assert "records.txt: content differs from the manifest" in checked.stdout
