@@ -80,6 +80,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ANNOUNCED = re.compile(rb'^\{\s*"length"\s*:\s*(\d{1,20})\s*[,}]')
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODE = re.compile(r"^0?[0-7]{3}$")
+_OCTAL = re.compile(rb"^[0-7]*$")
+_LATEST_MTIME = 2**33  # year 2242: later (or negative) times in a header are clamped
 _REGULAR = (b"0", b"\0")
 _KINDS = {
     b"1": "a hard link",
@@ -519,10 +521,9 @@ def _number(field_bytes: bytes, what: str) -> int:
             raise ArchiveRejected(f"corrupt tar header: negative {what}")
         return int.from_bytes(field_bytes[1:], "big")
     text = field_bytes.split(b"\0", 1)[0].strip(b" \0")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise ArchiveRejected(f"corrupt tar header: {what} field {field_bytes!r} is not a number") from None
+    if not _OCTAL.match(text):
+        raise ArchiveRejected(f"corrupt tar header: {what} field {field_bytes!r} is not an octal number")
+    return int(text, 8) if text else 0
 
 
 def _cut(field_bytes: bytes) -> bytes:
@@ -811,7 +812,9 @@ class _Staging:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         with open(os.open(target, flags, 0o600), "wb") as handle:
             yield handle
+            handle.flush()
             os.fchmod(handle.fileno(), entry.mode)
+            mtime = min(max(mtime, 0), _LATEST_MTIME)
             os.utime(handle.fileno(), (mtime, mtime))
 
 

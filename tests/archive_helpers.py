@@ -146,6 +146,7 @@ class Member:
     kind: bytes = tarfile.REGTYPE
     mode: int = 0o644
     link: str = ""
+    mtime: int = 1_700_000_000
 
 
 def payload_member(members: Sequence[Member], *, fmt: int = tarfile.PAX_FORMAT, tail: bytes = b"") -> bytes:
@@ -157,7 +158,7 @@ def payload_member(members: Sequence[Member], *, fmt: int = tarfile.PAX_FORMAT, 
             info = tarfile.TarInfo(name)
             info.type = member.kind
             info.mode = member.mode
-            info.mtime = 1_700_000_000
+            info.mtime = member.mtime
             info.linkname = member.link
             if member.kind in (tarfile.REGTYPE, tarfile.AREGTYPE):
                 info.size = len(member.data)

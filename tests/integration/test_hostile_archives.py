@@ -360,6 +360,31 @@ def huge_pax_header(site: ArchiveSite) -> Path:
     return forged(site, gzip.compress(buffer.getvalue(), mtime=0))
 
 
+def raw_header(name: bytes, size_field: bytes) -> bytes:
+    """A ustar header written by hand, with any bytes in its size field and a valid checksum."""
+    block = bytearray(512)
+    block[0 : len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[124:136] = size_field
+    block[136:148] = b"14524715400\0"
+    block[156:157] = b"0"
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+def negative_size(site: ArchiveSite) -> Path:
+    tar = raw_header(b"payload/VERSION", b"-0000000011\0") + bytes(1024)
+    return forged(site, gzip.compress(tar, mtime=0))
+
+
+def far_future_time(site: ArchiveSite) -> Path:
+    files = {"VERSION": GOOD["VERSION"]}
+    payload = [Member("payload/VERSION", GOOD["VERSION"], mtime=2**80)]
+    return forged(site, payload_member(payload, fmt=tarfile.GNU_FORMAT), manifest_fields(files) | {"dirs": []})
+
+
 def file_where_folder_listed(site: ArchiveSite) -> Path:
     only_version = {"VERSION": GOOD["VERSION"]}
     manifest = manifest_fields(only_version, dirs=["bin"])
@@ -466,6 +491,9 @@ CASES = {
     "data after end marker": Case(data_after_end, "data after the tar end-of-archive marker"),
     "garbage after gzip": Case(garbage_after_gzip, "corrupt gzip stream"),
     "huge pax header": Case(huge_pax_header, "a pax extended header of 100"),
+    "negative size in a header": Case(
+        negative_size, "corrupt tar header: size field b'-0000000011\\x00' is not an octal number"
+    ),
     "file where a folder is listed": Case(
         file_where_folder_listed, "member 'payload/bin' is not listed in the signed manifest (it lists a folder there)"
     ),
@@ -501,6 +529,17 @@ def test_hostile_archive_is_rejected_without_a_trace(tmp_path: Path, case: Case)
     assert not EVIL_ABSOLUTE.exists()
     assert not (tmp_path / "evil").exists()
     assert not site.reporter.updates  # no facts, no versions recorded for a rejected archive
+
+
+def test_a_timestamp_far_in_the_future_is_clamped_not_fatal(tmp_path: Path) -> None:
+    site = ArchiveSite(tmp_path)
+    ctx = site.context(far_future_time(site))
+
+    validate.run(ctx)
+
+    staged = site.platform / "releases" / "3.19.274" / "VERSION"
+    assert staged.read_bytes() == GOOD["VERSION"]
+    assert staged.stat().st_mtime == 2**33
 
 
 def test_the_corpus_has_more_than_thirty_distinct_reasons() -> None:
