@@ -9,22 +9,23 @@ type, mode, owner, mtime and content.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import stat
 from pathlib import Path
 
-from tests.conftest import Site
+from tests.conftest import Site, wait_for
 
 
 def tree_digest(root: Path) -> str:
     """One hash over every entry under `root` (itself included): path, type, mode, owner, mtime, content."""
     digest = hashlib.sha256()
+    info = root.lstat()
+    digest.update(f".|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns}|".encode())
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        for path in [Path(folder)] if Path(folder) == root else []:
-            info = path.lstat()
-            digest.update(f".|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns}|".encode())
         for name in sorted([*dirs, *files]):
             path = Path(folder, name)
             info = path.lstat()
@@ -200,3 +201,47 @@ def test_a_rollback_from_a_damaged_snapshot_fails_loudly_and_leaves_the_snapshot
     checked = site.cli("backups", "verify", "1")
     assert checked.returncode == 1
     assert "records.txt: content differs from the manifest" in checked.stdout
+
+
+def test_an_interrupted_update_is_not_rolled_back_by_a_restart_only_by_the_operator(site: Site) -> None:
+    # Given an update whose migration changes the data, then waits while `hold` exists
+    database = populate(site)
+    data_before, database_before = tree_digest(site.data), database.read_bytes()
+    hold, pidfile, changed = site.root / "hold", site.root / "migration.pid", site.root / "changed"
+    hold.touch()
+    migration = damaging_migration(site, database, exit_code=0).replace(
+        "exit 0",
+        f'echo $$ > "{pidfile}"\ntouch "{changed}"\nwhile [ -e "{hold}" ]; do sleep 0.1; done\nexit 0',
+    )
+    daemon = site.start_daemon()
+    site.drop(update(site, "1.1.0", migration))
+    try:
+        wait_for(changed.exists, timeout=120, what="the migration to change the data")
+        changed_digest = tree_digest(site.data)
+        assert changed_digest != data_before
+
+        # When the daemon dies in the middle of apply and starts again
+        daemon.kill()
+        site.start_daemon()
+
+        # Then the run is interrupted, the gate blocked, and nothing was restored on its own
+        run = site.wait_outcome(1)
+        assert run["outcome"] == "interrupted"
+        assert "the platform WAS changed" in run["error"]
+        assert f"dropgate rollback {run['id']}" in run["error"]
+        assert site.status()["gate"] == "blocked"
+        assert tree_digest(site.data) == changed_digest
+    finally:
+        hold.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.killpg(int(pidfile.read_text()), signal.SIGKILL)  # the orphan of the killed daemon
+
+    # When the operator rolls it back
+    result = site.cli("rollback", "1")
+
+    # Then the platform is byte-identical to before the update, the previous release live
+    assert result.returncode == 0, result.stderr
+    assert site.run(1)["outcome"] == "rolled_back"  # type: ignore[index]
+    assert tree_digest(site.data) == data_before
+    assert database.read_bytes() == database_before
+    assert os.readlink(site.platform / "current") == "releases/1.0.0"
