@@ -50,7 +50,8 @@ def _table(snapshots: list[SnapshotInfo]) -> str:
     rows = [("RUN", "TAKEN", "SIZE", "WRITTEN", "FILES", "SHARED", "VERIFIED")]
     for info in snapshots:
         if info.verify_problems:
-            verified = f"FAILED ({len(info.verify_problems)} problems)"
+            count = len(info.verify_problems)
+            verified = f"FAILED ({count} problem{'s' if count != 1 else ''})"
         elif info.verified_at is not None:
             verified = "yes, " + _when(info.verified_at)
         else:
