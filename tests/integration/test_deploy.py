@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -262,3 +263,349 @@ def test_prometheus_raises_the_blocked_gate_alert_when_an_update_fails_and_drops
     wait_for(lambda: "DropgateDown" in prometheus.firing(), timeout=60, what="DropgateDown to fire")
     assert prometheus.alerts()["DropgateDown"]["labels"]["severity"] == "critical"
     assert set(prometheus.alerts()) == {"DropgateDown"}
+
+
+# -- systemd ---------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd" / "dropgate.service"
+TMPFILES = DEPLOY / "systemd" / "dropgate-tmpfiles.conf"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_unit_is_a_notify_service_that_stops_at_a_safe_point_and_never_loops_on_bad_config() -> None:
+    settings = unit_settings()
+    assert settings["Type"] == ["notify"]
+    assert settings["ExecStart"] == ["/usr/bin/dropgate run"]
+    assert settings["Environment"] == ["DROPGATE_CONFIG=/etc/dropgate/dropgate.yaml"]
+    assert settings["Restart"] == ["on-failure"]
+    assert settings["RestartPreventExitStatus"] == ["2"]  # dropgate's exit status for a configuration error
+    assert settings["KillMode"] == ["mixed"]
+    assert settings["WatchdogSec"]
+    assert settings["ProtectSystem"] == ["strict"]
+    writable = " ".join(settings["ReadWritePaths"]).split()
+    # every folder the tmpfiles entries create is writable by the daemon
+    for line in TMPFILES.read_text().splitlines():
+        if line.startswith("d "):
+            path = line.split()[1]
+            assert any(path == w or path.startswith(w + "/") for w in writable), path
+
+
+def test_the_unit_passes_systemd_analyze_verify_and_its_sandbox_rates_ok(tmp_path: Path) -> None:
+    analyze = require_tool("systemd-analyze")
+    # Given the unit with ExecStart pointing at this checkout's dropgate (the only line changed)
+    command = Path(sys.executable).parent / "dropgate"
+    assert command.exists(), command
+    unit = tmp_path / "dropgate.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/dropgate run", f"ExecStart={command} run"))
+    # Then systemd finds nothing to complain about
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "dropgate.service" not in verify.stderr, verify.stderr
+    # and the sandbox's exposure is at most 4.0 ("OK" on systemd's 0-10 scale)
+    security = subprocess.run(
+        [analyze, "security", "--offline=true", "--threshold=40", "--no-pager", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert security.returncode == 0, security.stdout[-2000:] + security.stderr
+    rating = re.search(r"Overall exposure level for dropgate.service: ([\d.]+) (\w+)", security.stdout)
+    assert rating, security.stdout[-500:]
+    assert float(rating.group(1)) <= 4.0
+    assert rating.group(2) == "OK"
+
+
+def test_the_tmpfiles_entries_create_the_folders_with_the_owners_and_modes_the_chroot_needs(tmp_path: Path) -> None:
+    tmpfiles = require_tool("systemd-tmpfiles")
+    # Given an empty root whose group database has the two groups
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\ndropgate-admin:x:990:\ndropgate-upload:x:991:\n")
+    # When systemd-tmpfiles applies the entries there
+    result = subprocess.run(
+        [tmpfiles, f"--root={root}", "--create", str(TMPFILES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+    # Then each folder has the owner and mode sshd's chroot and the two groups need
+    def owner_mode(path: str) -> tuple[int, int, str]:
+        info = (root / path.lstrip("/")).stat()
+        return info.st_uid, info.st_gid, oct(info.st_mode & 0o7777)
+
+    assert owner_mode("/var/lib/dropgate") == (0, 0, "0o755")  # the chroot: root's alone
+    assert owner_mode("/var/lib/dropgate/inbox") == (0, 991, "0o3770")  # uploaders write, setgid, sticky
+    assert owner_mode("/var/lib/dropgate/state") == (0, 990, "0o2750")  # admins read, uploaders stay out
+    assert owner_mode("/var/backups/dropgate") == (0, 0, "0o700")
+    assert owner_mode("/run/dropgate") == (0, 0, "0o755")  # nginx tests for the maintenance flag
+    # and the inbox and state folder are where the example configuration puts them
+    example = yaml.safe_load((ROOT / "config" / "dropgate.example.yaml").read_text())
+    assert example["paths"]["inbox"] == "/var/lib/dropgate/inbox"
+    assert example["paths"]["state"] == "/var/lib/dropgate/state"
+    assert example["paths"]["backups"] == "/var/backups/dropgate"
+    assert str(Path(example["maintenance"]["flag_file"]).parent) == "/run/dropgate"
+
+
+# -- sshd --------------------------------------------------------------------------------------
+
+DROP_IN = DEPLOY / "sshd" / "dropgate-inbox.conf"
+
+
+def test_the_sshd_drop_in_gives_the_upload_group_sftp_only_in_a_chroot_and_leaves_others_alone(
+    tmp_path: Path,
+) -> None:
+    sshd = sshd_binary()
+    keygen = require_tool("ssh-keygen")
+    # Given an sshd configuration made of a host key and the shipped drop-in
+    key = tmp_path / "host_key"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd -T wants its privilege separation folder
+
+    def effective(user: str) -> dict[str, str]:
+        """sshd's settings for a connection of `user`, the upload group standing for root's own group.
+
+        `sshd -T -C` resolves a user's groups from the system, which has no
+        dropgate-upload group here; root is in group root, so the test copy
+        matches that group instead: the only line it changes.
+        """
+        drop_in = DROP_IN.read_text().replace("Match Group dropgate-upload\n", "Match Group root\n")
+        config = tmp_path / "sshd_config"
+        config.write_text(f"HostKey {key}\nPidFile none\nUsePAM no\n" + drop_in)
+        result = subprocess.run(
+            [sshd, "-T", "-f", str(config), "-C", f"user={user},host=client,addr=192.0.2.1"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        return dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+
+    # When sshd evaluates it for a member of the group
+    member = effective("root")
+    # Then the session is SFTP only, in the chroot, starting in the inbox, with nothing forwarded
+    assert member["forcecommand"].startswith("internal-sftp -d /inbox -u 0027")
+    assert member["chrootdirectory"] == "/var/lib/dropgate"
+    assert member["permittty"] == "no"
+    assert member["allowtcpforwarding"] == "no"
+    assert member["x11forwarding"] == "no"
+    assert member["passwordauthentication"] == "no"
+    # and for anyone else nothing changes
+    other = effective("nobody")
+    assert other["forcecommand"] == "none"
+    assert other["chrootdirectory"] == "none"
+
+
+# -- Grafana -----------------------------------------------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "dropgate.json"
+# SPEC section 6, as they appear in an exposition (counters end in _total, info metrics in _info)
+CONTRACT = {
+    "dropgate_gate", "dropgate_step", "dropgate_step_started_timestamp_seconds",
+    "dropgate_step_deadline_timestamp_seconds", "dropgate_step_progress_ratio", "dropgate_step_duration_seconds",
+    "dropgate_runs_total", "dropgate_last_success_timestamp_seconds", "dropgate_last_outcome_timestamp_seconds",
+    "dropgate_blocked", "dropgate_maintenance_active", "dropgate_last_downtime_seconds", "dropgate_inbox_files",
+    "dropgate_inbox_oldest_age_seconds", "dropgate_heartbeat_timestamp_seconds", "dropgate_platform_version_info",
+    "dropgate_build_info", "dropgate_backup_bytes", "dropgate_backup_last_timestamp_seconds",
+}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query in the dashboard, including its template variables."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            queries.append((f"${variable['name']}", variable["definition"]))
+    return queries
+
+
+def exported_names() -> set[str]:
+    """The sample names the daemon's metrics produce, from the same Metrics class the daemon registers."""
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"]}
+    names = set()
+    for family in registry.collect():
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
+    return names
+
+
+def test_the_dashboard_uses_only_metrics_the_daemon_exports_and_shows_every_contract_metric() -> None:
+    exported = exported_names()
+    used: set[str] = set()
+    for title, expr in dashboard_queries():
+        names = set(re.findall(r"\bdropgate_[a-z_]+", expr))
+        unknown = names - exported
+        assert not unknown, f"panel {title!r} queries metrics the daemon does not export: {unknown}"
+        used |= names
+    covered = {name for name in CONTRACT if any(u == name or u.startswith(name + "_") for u in used)}
+    assert covered == CONTRACT, f"not on the dashboard: {CONTRACT - covered}"
+
+
+def test_the_dashboard_has_the_panels_an_operator_looks_for_on_a_template_data_source() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    titles = " | ".join(p["title"].lower() for p in panels)
+    for wanted in ("gate", "step", "progress", "step duration", "outcomes", "downtime", "inbox", "heartbeat",
+                   "backup"):
+        assert wanted in titles, f"no panel about {wanted}"
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    # Given each query as a recording rule, with Grafana's variables filled in as Grafana would
+    values = {"$instance": ".*", "$step": ".*", "$__range": "7d", "$__rate_interval": "1m", "$__interval": "30s"}
+    rules = []
+    for number, (_title, query) in enumerate(dashboard_queries()):
+        expr = query
+        if expr.startswith("label_values("):
+            expr = expr.removeprefix("label_values(").partition(",")[0].strip()
+        for variable, value in values.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{number}", "expr": expr})
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    # Then promtool parses every one
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- install.sh --------------------------------------------------------------------------------
+
+INSTALL = DEPLOY / "install.sh"
+INSTALLED = [
+    Path("/opt/dropgate"), Path("/usr/bin/dropgate"), Path("/etc/dropgate"), Path("/etc/tmpfiles.d/dropgate.conf"),
+    Path("/etc/systemd/system/dropgate.service"), Path("/etc/ssh/sshd_config.d/dropgate-inbox.conf"),
+    Path("/var/lib/dropgate"), Path("/var/backups/dropgate"), Path("/etc/group"),
+]
+
+
+def host_state() -> dict[str, tuple[int, int, int] | None]:
+    def state(path: Path) -> tuple[int, int, int] | None:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return None
+        return info.st_mtime_ns, info.st_mode, info.st_size
+
+    return {str(path): state(path) for path in INSTALLED}
+
+
+def test_install_dry_run_prints_the_plan_and_changes_nothing(tmp_path: Path) -> None:
+    require_tool("bash")
+    assert subprocess.run(["bash", "-n", str(INSTALL)], capture_output=True, timeout=30).returncode == 0
+    # Given a wheelhouse folder whose name would do harm if it ever reached a shell
+    canary = tmp_path / "pwned"  # what `touch pwned` would create, run from tmp_path
+    wheelhouse = tmp_path / "wheels $(touch pwned); `touch pwned` '\"x"
+    wheelhouse.mkdir()
+    before = host_state()
+    # When the installer runs with --dry-run
+    result = subprocess.run(
+        [str(INSTALL), "--dry-run", "--wheelhouse", str(wheelhouse)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    # Then it succeeds and says, for each part, what it would do or that it is already done
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for group in ("dropgate-admin", "dropgate-upload"):
+        assert f"would run: groupadd --system {group}" in out or f"group {group}: exists" in out
+    for folder, mode, group in (("/var/lib/dropgate/inbox", "3770", "dropgate-upload"),
+                                ("/var/lib/dropgate/state", "2750", "dropgate-admin")):
+        assert f"chmod -- {mode} {folder}" in out or f"{folder}/: {mode} root:{group}" in out
+    assert "/etc/systemd/system/dropgate.service" in out
+    assert "/etc/ssh/sshd_config.d/dropgate-inbox.conf" in out
+    assert "/usr/bin/dropgate" in out
+    assert "--no-index --find-links" in out
+    assert out.rstrip().endswith("dry run: nothing was changed")
+    # and nothing on the host changed, and the hostile name stayed a name
+    assert host_state() == before
+    assert not canary.exists()
+
+
+def test_install_usage_errors_exit_2() -> None:
+    result = subprocess.run([str(INSTALL), "--frobnicate"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "unknown argument: --frobnicate" in result.stderr
+
+
+IN_NAMESPACE = r"""
+set -eu
+out=$1 source=$2 scratch=$3
+# Everything the installer touches is overlaid on a tmpfs that vanishes with this namespace.
+mount -t tmpfs dropgate-install-test "$scratch" || exit 97
+for folder in etc opt usr var run; do
+    mkdir -p "$scratch/$folder/upper" "$scratch/$folder/work"
+    mount -t overlay overlay \
+        -o "lowerdir=/$folder,upperdir=$scratch/$folder/upper,workdir=$scratch/$folder/work" "/$folder" || exit 97
+done
+"$source/deploy/install.sh" > "$out/first.txt" 2>&1 || { echo "exit status $?" >> "$out/first.txt"; exit 1; }
+"$source/deploy/install.sh" > "$out/second.txt" 2>&1 || { echo "exit status $?" >> "$out/second.txt"; exit 1; }
+getent group dropgate-admin dropgate-upload | cut -d: -f1 > "$out/groups.txt"
+stat -c '%n %a %U %G' /var/lib/dropgate /var/lib/dropgate/inbox /var/lib/dropgate/state /var/backups/dropgate \
+    /run/dropgate /etc/dropgate /etc/dropgate/dropgate.yaml > "$out/modes.txt"
+readlink /usr/bin/dropgate > "$out/link.txt"
+/usr/bin/dropgate --help > "$out/help.txt" 2>&1
+if command -v systemd-analyze > /dev/null; then
+    systemd-analyze verify /etc/systemd/system/dropgate.service > "$out/verify.txt" 2>&1 ||
+        echo "exit status $?" >> "$out/verify.txt"
+fi
+"""
+
+
+@pytest.mark.slow
+def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_nothing(tmp_path: Path) -> None:
+    unshare = require_tool("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("installing for real (in a mount namespace) needs root")
+    # Given a mount namespace where /etc, /opt, /usr, /var and /run are overlays on a tmpfs
+    script = tmp_path / "in-namespace.sh"
+    script.write_text(IN_NAMESPACE)
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir()
+    scratch.mkdir()
+    before = host_state()
+    # When install.sh runs there, twice
+    result = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "bash", str(script), str(out), str(ROOT), str(scratch)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode == 97 or "unshare failed" in result.stderr:
+        pytest.skip(f"this machine does not allow mount namespaces with overlays: {result.stderr.strip()}")
+    first = (out / "first.txt").read_text()
+    assert result.returncode == 0, result.stderr + first + (out / "second.txt").read_text()
+    # Then the first run installed everything, with the owners and modes of the tmpfiles entries
+    assert (out / "groups.txt").read_text().split() == ["dropgate-admin", "dropgate-upload"]
+    assert (out / "modes.txt").read_text().splitlines() == [
+        "/var/lib/dropgate 755 root root",
+        "/var/lib/dropgate/inbox 3770 root dropgate-upload",
+        "/var/lib/dropgate/state 2750 root dropgate-admin",
+        "/var/backups/dropgate 700 root root",
+        "/run/dropgate 755 root root",
+        "/etc/dropgate 750 root dropgate-admin",
+        "/etc/dropgate/dropgate.yaml 640 root dropgate-admin",
+    ]
+    assert (out / "link.txt").read_text().strip() == "/opt/dropgate/venv/bin/dropgate"
+    assert "usage: dropgate" in (out / "help.txt").read_text()
+    if (out / "verify.txt").exists():  # the unit as shipped, with its real ExecStart now present
+        assert (out / "verify.txt").read_text() == ""
+    assert "dropgate is installed" in first
+    # and the second run found it all in place: its only action is pip's (idempotent) upgrade
+    second = (out / "second.txt").read_text()
+    actions = [line for line in second.splitlines() if line.startswith("run:")]
+    assert len(actions) == 1 and " -m pip install " in actions[0], second
+    assert "/etc/dropgate/dropgate.yaml: exists, left as it is" in second
+    # and nothing of it reached the host
+    assert host_state() == before
