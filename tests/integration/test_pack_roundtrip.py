@@ -1,9 +1,13 @@
-"""Property: any tree of ordinary files survives `pack` → authenticate → stage unchanged."""
+"""Properties: any tree of ordinary files survives `pack` → authenticate → stage unchanged;
+any damage to a payload is rejected cleanly (one line, nothing staged) or is harmless."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import stat
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -14,7 +18,9 @@ from hypothesis import strategies as st
 
 from pipeline.archive import NAME_PUNCTUATION, authenticate, pack, path_problem, read_announced_length, stage_payload
 from pipeline.config import Limits
-from pipeline.signing import TrustStore, generate_keypair, load_trusted_keys
+from pipeline.errors import ArchiveRejected
+from pipeline.signing import SigningKey, TrustStore, generate_keypair, load_signing_key, load_trusted_keys
+from tests.archive_helpers import forge, manifest_fields, signer
 
 NAME_CHARS = st.sampled_from("abcXYZ019" + NAME_PUNCTUATION + "éßÅ漢字ж")
 NAMES = st.text(NAME_CHARS, min_size=1, max_size=12).filter(lambda name: path_problem(name) is None)
@@ -90,3 +96,68 @@ def test_pack_then_stage_round_trips_any_tree(
         assert snapshot(staged) == expected
         assert read_announced_length(archive) == archive.stat().st_size == manifest.length
         assert set(manifest.files) == set(expected[0])
+
+
+def _tar_stream(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"payload/{name}")
+            info.size = len(content)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+FUZZ_FILES = {"VERSION": b"3.19.274\n", "static/" + "é" * 60 + ".txt": b"x" * 700, "bin/app": b"#!/bin/sh\n" * 30}
+FUZZ_TAR = _tar_stream(FUZZ_FILES)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(FUZZ_TAR) - 1), st.binary(min_size=1, max_size=16)), min_size=1, max_size=4
+    ),
+    cut=st.one_of(st.none(), st.integers(0, len(FUZZ_TAR))),
+)
+def test_a_damaged_tar_stream_is_rejected_cleanly_or_changes_nothing(
+    signing: tuple[SigningKey, TrustStore], edits: list[tuple[int, bytes]], cut: int | None
+) -> None:
+    # Given a correctly signed manifest and a payload whose tar stream was damaged anywhere
+    key, keys = signing
+    data = bytearray(FUZZ_TAR)
+    for offset, replacement in edits:
+        data[offset : offset + len(replacement)] = replacement
+    damaged = bytes(data[:cut] if cut is not None else data)
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = forge(
+            Path(scratch) / "gts.3.19.274.tgz",
+            manifest_fields(FUZZ_FILES, dirs=[]),
+            gzip.compress(damaged),
+            signer(key),
+        )
+        staged = Path(scratch) / "staged"
+
+        # When it is staged, then it is either rejected with a reason, or staged exactly as signed
+        try:
+            stage_payload(archive, authenticate(archive, keys), staged, Limits())
+        except ArchiveRejected as rejection:
+            assert "\n" not in str(rejection)
+            assert not staged.exists()
+        else:
+            assert snapshot(staged)[0] == {name: (content, 0o644) for name, content in FUZZ_FILES.items()}
+
+
+@pytest.fixture(scope="module")
+def signing(vendor: tuple[Path, TrustStore]) -> tuple[SigningKey, TrustStore]:
+    private, keys = vendor
+    return load_signing_key(private), keys
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=st.one_of(st.binary(max_size=2000), st.binary(max_size=2000).map(lambda b: b"\x1f\x8b" + b)))
+def test_reading_the_announced_length_never_fails_on_junk(junk: bytes) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "gts.1.0.tgz"
+        path.write_bytes(junk)
+        assert read_announced_length(path) is None
