@@ -34,8 +34,8 @@ SNAPSHOT = """
 import json, sys
 from pathlib import Path
 from pipeline.snapshot import take_snapshot
-src, dest, previous, run = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-info = take_snapshot([Path(src)], Path(dest), Path(previous) if previous else None, run_id=run)
+src, dest, previous, run, durable = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "sync"
+info = take_snapshot([Path(src)], Path(dest), Path(previous) if previous else None, run_id=run, durable=durable)
 print(json.dumps({"files": info.files, "shared": info.shared_files, "new_bytes": info.new_bytes}))
 """
 
@@ -47,8 +47,11 @@ class Measure:
     output: str
 
 
+SYNC = True
+
+
 def run_timed(argv: list[str]) -> Measure:
-    """Run `argv` then `sync`; wall time of both, and the tool's peak RSS as GNU time reports it.
+    """Run `argv` then `sync` (unless --no-sync); wall time, and the tool's peak RSS as GNU time reports it.
 
     (GNU time execs the tool from its own small process; the rusage of a child forked
     from this benchmark would count the benchmark's own pages.)
@@ -58,7 +61,8 @@ def run_timed(argv: list[str]) -> Measure:
         proc = subprocess.run(
             ["/usr/bin/time", "-f", "%M", "-o", report.name, *argv], capture_output=True, text=True, check=False
         )
-        os.sync()
+        if SYNC:
+            os.sync()
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -155,7 +159,15 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where to build the data set (default: a temporary folder)")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
     parser.add_argument("--keep", action="store_true", help="keep the data set afterwards")
+    parser.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="measure up to the page cache only: no sync after the tools, the snapshot does not sync either",
+    )
     args = parser.parse_args()
+    global SYNC  # noqa: PLW0603 - one switch for every measurement
+    SYNC = not args.no_sync
+    durable = "sync" if SYNC else "nosync"
     for tool in ("cp", "tar", "rsync", "/usr/bin/time"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed for this benchmark")
@@ -171,7 +183,8 @@ def main() -> int:
         took = time.perf_counter() - started
         print(f"data set: {len(paths):,} files, {total / 2**20:,.0f} MiB in {work} ({took:.0f}s to build)")
         cache = "cold" if args.cold else "warm"
-        print(f"cpus {os.cpu_count()}, python {sys.version.split()[0]}, repeat {args.repeat}, cache {cache}")
+        flush = "each tool then sync" if SYNC else "page cache only, no sync"
+        print(f"cpus {os.cpu_count()}, python {sys.version.split()[0]}, repeat {args.repeat}, cache {cache}, {flush}")
 
         results: dict[str, Measure] = {}
         snap1, cp_dst, tgz = work / "snapshots" / "1", work / "cp", work / "full.tgz"
@@ -180,7 +193,7 @@ def main() -> int:
         firsts = {
             "cp -a": (["cp", "-a", str(src), str(cp_dst)], lambda: remove(cp_dst)),
             "dropgate snapshot 1": (
-                [python, "-c", SNAPSHOT, str(src), str(snap1), "", "1"],
+                [python, "-c", SNAPSHOT, str(src), str(snap1), "", "1", durable],
                 lambda: remove(snap1),
             ),
         }
@@ -206,7 +219,7 @@ def main() -> int:
                 lambda: remove(rsync2),
             ),
             "dropgate snapshot 2": (
-                [python, "-c", SNAPSHOT, str(src), str(snap2), str(snap1), "2"],
+                [python, "-c", SNAPSHOT, str(src), str(snap2), str(snap1), "2", durable],
                 lambda: remove(snap2),
             ),
         }
