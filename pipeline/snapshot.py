@@ -3,25 +3,41 @@
 A snapshot is a folder `<backups>/<run id>/`:
 
     snapshot.json     the summary, written last: its presence means complete and verified
-    manifest.jsonl    a header line, then one line per folder, file and symlink
+    manifest.jsonl    a header line, then one JSON line per folder, file, symlink, hard link and dump
     data/<name>/...   a copy of each data path (`name` is the path's base name, made unique)
     dumps/<name>      the output of each dump command
 
+Manifest lines (`mode` is octal text, times are nanoseconds):
+
+    {"format": "dropgate-snapshot/1", "run": 7, "created": 1795..., "previous": 6,
+     "roots": [{"name": "uploads", "source": "/srv/gts/uploads"}]}
+    {"root": "uploads", "path": ".", "type": "dir", "mode": "0750", "uid": 990, "gid": 990, "mtime_ns": ...}
+    {"root": "uploads", "path": "a/b.pdf", "type": "file", "size": 5120, "mode": "0640", "uid": 990,
+     "gid": 990, "mtime_ns": ..., "sha256": "...", "src_dev": ..., "src_ino": ..., "src_ctime_ns": ...}
+    {"root": "uploads", "path": "latest", "type": "symlink", "target": "a/b.pdf", ...}
+    {"root": "uploads", "path": "a/c.pdf", "type": "hardlink", "target": "a/b.pdf"}
+    {"root": "dumps", "path": "db.sql", "type": "dump", "size": ..., "sha256": "..."}
+
+`src_*` identify the live file the copy was read from: while the live file is
+still that inode with that ctime, it has not changed since.
+
 Snapshots after the first share every unchanged file with the previous one by
 hard link (between snapshots only, never with the live data), so their cost
-follows what changed. A file is unchanged when its type, size, mtime, mode and
-owner are those recorded in the previous manifest *and* it is still the same
-inode with the same ctime (a write, chmod or utime always moves ctime), and the
-previous snapshot's copy still has the recorded size and mtime. New files are
-cloned (FICLONE) where the filesystem can, else copied; either way they are
-hashed in the same pass. A snapshot is built in `<backups>/.<run id>.partial/`
-and renamed into place only once it is complete, verified and on disk; any
-failure removes the partial folder.
+follows what changed. A file is unchanged when its size, mtime, mode and owner
+are those recorded in the previous manifest *and* it is still the same inode
+with the same ctime (a write, chmod or utime always moves ctime), and the
+previous snapshot's copy still has the recorded size, mtime and mode. New files
+are cloned (FICLONE) where the filesystem can, else copied in the kernel
+(copy_file_range); the copy is then read once to hash it, so the manifest holds
+the hash of the bytes stored. A snapshot is built in `<backups>/.<run id>.partial/`
+and renamed into place only once it is complete, checked against its manifest
+and synced to disk; any failure removes the partial folder.
 
-Restoring copies out of the snapshot (never links): files whose inode and
+Restoring copies out of the snapshot (never links to it): files whose inode and
 ctime are still those recorded were not touched since the snapshot and are
 left alone; everything else is rewritten atomically (temporary name, then
-rename), extra entries are removed, and modes, owners and mtimes are set back.
+rename), extra entries are removed, names of one file are linked again, and
+modes, owners and mtimes are set back.
 """
 
 from __future__ import annotations
@@ -443,8 +459,14 @@ class _Previous:
 def _estimate(sources: Sequence[Path], previous: _Previous, dump_bytes: int) -> Estimate:
     files = dirs = total = new_files = new_bytes = need = 0
     for source in sources:
+        inodes: set[tuple[int, int]] = set()
         for rel, info in _walk(source):
             kind = _kind(info)
+            if kind == "file" and info.st_nlink > 1:
+                if (info.st_dev, info.st_ino) in inodes:
+                    files += 1
+                    continue
+                inodes.add((info.st_dev, info.st_ino))
             if kind == "dir":
                 dirs += 1
                 need += _BLOCK
@@ -778,6 +800,8 @@ def _fill(
         (partial / DATA).mkdir()
         for name, source_path in zip(names, sources, strict=True):
             source, base = str(source_path), str(partial / DATA / name)
+            inodes: dict[tuple[int, int], str] = {}  # files with several names: the first name seen
+            links: list[tuple[str, str, dict[str, Any]]] = []  # made once every file of this path is in
             for rel, info in _walk(source_path):
                 checkpoint()
                 kind = _kind(info)
@@ -799,7 +823,15 @@ def _fill(
                     entry.update(_meta_fields(info), target=target)
                     _apply_meta(dst, entry, owner)
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                elif info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes:
+                    first = inodes[(info.st_dev, info.st_ino)]
+                    entry.update(target=first)
+                    entry["type"] = "hardlink"
+                    links.append((f"{base}/{first}", dst, entry))
+                    counts["files"] += 1
                 else:
+                    if info.st_nlink > 1:
+                        inodes[(info.st_dev, info.st_ino)] = rel
                     counts["files"] += 1
                     shared = prev.unchanged(source, rel, info)
                     if shared is not None and _link_previous(prev.copy_of(source, rel), dst, shared):
@@ -811,6 +843,12 @@ def _fill(
                     else:
                         window.append((entry, src, pool.submit(copier.copy, src, dst, owner)))
                 settle(manifest, block=False)
+            if links:
+                settle(manifest, block=True)
+                for first_copy, dst, entry in links:
+                    current = dst
+                    os.link(first_copy, dst)
+                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
         settle(manifest, block=True)
         for dst, entry in reversed(folders):
             _apply_meta(dst, entry, owner)
@@ -1022,6 +1060,13 @@ def _check_entry(path: str, entry: Mapping[str, Any]) -> str | None:
         info = os.lstat(path)
     except FileNotFoundError:
         return f"{path}: missing from the snapshot"
+    if entry["type"] == "hardlink":
+        first = f"{path[: len(path) - len(entry['path'])]}{entry['target']}"
+        try:
+            same = stat.S_ISREG(info.st_mode) and os.lstat(first).st_ino == info.st_ino
+        except FileNotFoundError:
+            same = False
+        return None if same else f"{path}: should be the same file as {first}"
     kind = "file" if entry["type"] == "dump" else entry["type"]
     if _kind(info) != kind:
         return f"{path}: is a {_kind(info) or 'special file'}, the manifest says {kind}"
@@ -1153,6 +1198,12 @@ def _restore_root(
             if not (path.is_symlink() and os.readlink(path) == entry["target"]):
                 _replace_with_symlink(path, entry["target"])
             _apply_meta(str(path), entry, owner)
+        elif kind == "hardlink":
+            tmp = path.with_name(f"{_RESTORE_PREFIX}{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.link(target / entry["target"], tmp)
+            os.replace(tmp, path)
         elif kind == "file":
             if _untouched(path, entry):
                 kept += 1

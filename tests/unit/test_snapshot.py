@@ -375,3 +375,33 @@ def test_restore_handles_names_at_the_length_limit(live: Path, backups: Path) ->
 
     assert longest.read_text() == "before"
     assert tree_digest(live) == expected
+
+
+def test_names_of_one_file_stay_one_file_through_snapshot_and_restore(live: Path, backups: Path) -> None:
+    # Given a file with two names in the data
+    first, second = live / "uploads" / "index.json", live / "config" / "index-link.json"
+    os.link(first, second)
+    expected = tree_digest(live)
+    info = take_snapshot([live], backups / "1", run_id=1)
+    copy = backups / "1" / "data" / "data"
+    assert inode(copy / "uploads" / "index.json") == inode(copy / "config" / "index-link.json")
+    sizes = sum(p.stat().st_size for p in live.rglob("*") if p.is_file() and not p.is_symlink())
+    assert info.new_bytes == sizes - first.stat().st_size  # the second name costs nothing
+    assert verify_snapshot(backups / "1") == []
+    # When the update breaks the link and changes one name
+    second.unlink()
+    second.write_text("separate now")
+
+    restore_snapshot(backups / "1")
+
+    # Then both names are one file again, with the old content, and nothing links to the snapshot
+    assert inode(first) == inode(second)
+    assert first.read_text() == '{"files": 1}\n'
+    assert tree_digest(live) == expected
+    assert all_inodes(live).isdisjoint(all_inodes(backups / "1"))
+    # And a broken link inside the snapshot is a verification problem (the walk met config/ first)
+    (copy / "uploads" / "index.json").unlink()
+    (copy / "uploads" / "index.json").write_text('{"files": 1}\n')
+    assert verify_snapshot(backups / "1") == [
+        f"{copy / 'uploads' / 'index.json'}: should be the same file as {copy / 'config' / 'index-link.json'}"
+    ]
