@@ -70,6 +70,7 @@ DATA = "data"
 DUMPS = "dumps"
 
 _BUFFER = 1 << 20
+_CHUNK = 64 << 20  # a stop request is seen by a copy in progress at least this often
 _BLOCK = 4096
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _RESTORE_PREFIX = ".dropgate-restore-"  # + pid: short, so that a name at the length limit still fits
@@ -517,6 +518,7 @@ class _Copier:
         self.reflink = reflink
         self.kernel_copy = write is os.write
         self.write = write
+        self.stop = threading.Event()  # set when the snapshot is abandoned: copies in progress end early
         self._local = threading.local()
         self._lock = threading.Lock()
         self.cloned = 0
@@ -583,8 +585,8 @@ class _Copier:
                 return
         if self.kernel_copy:
             try:
-                while os.copy_file_range(fi, fo, 1 << 30):
-                    pass
+                while os.copy_file_range(fi, fo, _CHUNK):
+                    self._check_stop()
                 return
             except OSError as error:
                 if error.errno not in self._UNSUPPORTED:
@@ -593,10 +595,14 @@ class _Copier:
                 self._rewind(fi, fo)
         buf = self._buffer()
         view = memoryview(buf)
+        done = 0
         while True:
             n = os.readv(fi, [buf])
             if not n:
                 return
+            done += n
+            if done % _CHUNK < n:
+                self._check_stop()
             chunk = view[:n]
             while chunk:
                 written = self.write(fo, chunk)
@@ -607,11 +613,23 @@ class _Copier:
         buf = self._buffer()
         view = memoryview(buf)
         os.lseek(fd, 0, os.SEEK_SET)
+        done = 0
         while True:
             n = os.readv(fd, [buf])
             if not n:
                 return digest.hexdigest()
+            done += n
+            if done % _CHUNK < n:
+                self._check_stop()
             digest.update(view[:n])
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Abandoned
+
+
+class _Abandoned(Exception):
+    """A copy ended early because its snapshot was abandoned (its partial folder is being removed)."""
 
 
 def _apply_meta(path: str, entry: Mapping[str, Any], owner: bool) -> None:
@@ -864,6 +882,7 @@ def _fill(
     except OSError as error:
         raise _translate(error, current, partial, space, throttle) from error
     finally:
+        copier.stop.set()  # nothing is left to copy on success; on failure, copies in progress end early
         pool.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(OSError, AttributeError):
             manifest.close()  # type: ignore[union-attr]  # after a failure (a full disk) the buffered lines are lost with the partial folder
