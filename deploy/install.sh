@@ -186,8 +186,12 @@ for doc in "$SOURCE"/docs/*.md; do
     [ -e "$doc" ] || continue
     install_file "$doc" "$PREFIX/share/doc/$(basename -- "$doc")" 0644 root root
 done
-for file in prometheus/dropgate.rules.yml prometheus/prometheus.example.yml grafana/dropgate.json; do
-    install_file "$DEPLOY/$file" "$PREFIX/share/deploy/$file" 0644 root root
+for file in prometheus/dropgate.rules.yml prometheus/prometheus.example.yml grafana/dropgate.json \
+    nginx/dropgate-maintenance.conf nginx/maintenance.html; do
+    case "$file" in
+        nginx/*) install_file "$DEPLOY/$file" "$PREFIX/share/$file" 0644 root root ;;
+        *) install_file "$DEPLOY/$file" "$PREFIX/share/deploy/$file" 0644 root root ;;
+    esac
 done
 
 # -- configuration: never overwritten ---------------------------------------------------
@@ -263,5 +267,6 @@ else
     say "  3. dropgate preflight"
     say "  4. systemctl enable --now dropgate"
     say "  5. add operators to dropgate-admin, uploaders to dropgate-upload (usermod -aG GROUP USER)"
-    say "  6. monitoring: $PREFIX/share/deploy/ has the Prometheus rules and the Grafana dashboard"
+    say "  6. nginx: include $PREFIX/share/nginx/dropgate-maintenance.conf in the platform's server block"
+    say "  7. monitoring: $PREFIX/share/deploy/ has the Prometheus rules and the Grafana dashboard"
 fi

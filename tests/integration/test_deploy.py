@@ -8,8 +8,11 @@
 - The tmpfiles entries create the folders with the owners and modes sshd's
   chroot and the two groups need.
 - The sshd drop-in is valid and applies SFTP-only, chrooted, to the upload group.
-- The Grafana dashboard uses only metric names the daemon exports.
-- install.sh --dry-run prints its plan and changes nothing.
+- The Grafana dashboard uses only metric names the daemon exports, in valid PromQL.
+- A real nginx with the shipped snippet answers 503 with Retry-After while the
+  maintenance flag exists, and serves the daemon's status page under /dropgate/.
+- install.sh --dry-run prints its plan and changes nothing; run for real,
+  twice, in a throwaway mount namespace, it installs everything, then finds it in place.
 """
 
 from __future__ import annotations
@@ -19,18 +22,24 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from pipeline.metrics import Metrics
 from tests.conftest import ROOT, Site, free_port, require_tool, wait_for
 
 DEPLOY = ROOT / "deploy"
@@ -425,10 +434,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def exported_names() -> set[str]:
     """The sample names the daemon's metrics produce, from the same Metrics class the daemon registers."""
-    from prometheus_client import CollectorRegistry
-
-    from pipeline.metrics import Metrics
-
     registry = CollectorRegistry()
     Metrics(registry)
     suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"]}
@@ -609,3 +614,127 @@ def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_n
     assert "/etc/dropgate/dropgate.yaml: exists, left as it is" in second
     # and nothing of it reached the host
     assert host_state() == before
+
+
+# -- nginx ---------------------------------------------------------------------------------------
+
+NGINX_SNIPPET = DEPLOY / "nginx" / "dropgate-maintenance.conf"
+
+
+class Backend:
+    """The platform behind nginx: answers every GET with its version."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b"the platform, release 1.0.0\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def http_get(url: str) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url)
+    opener = urllib.request.build_opener(NoRedirect())
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def nginx(site: Site, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real nginx on loopback with the shipped snippet; yields its URL and the maintenance flag's path."""
+    binary = sbin_tool("nginx")
+    folder = tmp_path / "nginx"
+    (folder / "page").mkdir(parents=True)
+    shutil.copy(DEPLOY / "nginx" / "maintenance.html", folder / "page" / "maintenance.html")
+    flag = site.root / "run" / "maintenance"  # the site's maintenance.flag_file
+    # The test copy changes only the three site-specific paths: the flag, the page's folder, metrics.listen.
+    snippet = NGINX_SNIPPET.read_text()
+    for shipped, here in (("/run/dropgate/maintenance", str(flag)),
+                          ("root /opt/dropgate/share/nginx;", f"root {folder / 'page'};"),
+                          ("127.0.0.1:9108", f"127.0.0.1:{site.port}")):
+        assert shipped in snippet
+        snippet = snippet.replace(shipped, here)
+    (folder / "dropgate-maintenance.conf").write_text(snippet)
+    backend = Backend()
+    port = free_port()
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in kinds)
+    (folder / "nginx.conf").write_text(
+        # master_process off: one process, no workers, no user switch; for a test server only
+        f"daemon off;\nmaster_process off;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'} warn;\n"
+        "events { worker_connections 64; }\n"
+        "http {\n    access_log off;\n" + temp + "\n"
+        f"    server {{\n        listen 127.0.0.1:{port};\n"
+        f"        include {folder / 'dropgate-maintenance.conf'};\n"
+        f"        location / {{ proxy_pass http://127.0.0.1:{backend.port}; }}\n    }}\n}}\n"
+    )
+    command = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")]
+    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def listening() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited: {(folder / 'error.log').read_text()}")
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, timeout=30, what="nginx to listen")
+        yield f"http://127.0.0.1:{port}", flag
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        backend.stop()
+
+
+def test_nginx_serves_the_maintenance_page_while_the_flag_exists_and_the_status_page_always(
+    site: Site, nginx: tuple[str, Path]
+) -> None:
+    url, flag = nginx
+    # Given a running daemon behind nginx with the shipped snippet, and no maintenance
+    site.start_daemon()
+    assert http_get(f"{url}/reports/today")[0:3:2] == (200, "the platform, release 1.0.0\n")
+    # When the maintenance flag appears
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text('{"run": 1, "retry_after": 900}')
+    # Then every platform URL answers 503 with the maintenance page and a Retry-After
+    for path in ("/", "/reports/today", "/dropgatex"):
+        status, headers, body = http_get(url + path)
+        assert status == 503, path
+        assert headers["Retry-After"] == "900"
+        assert "The platform is being updated" in body
+    # and dropgate's status page stays reachable under /dropgate/, its metrics not
+    status, _, body = http_get(f"{url}/dropgate/")
+    assert status == 200
+    assert "<html" in body.lower()
+    status, _, body = http_get(f"{url}/dropgate/status.json")
+    assert status == 200
+    assert json.loads(body)["gate"] == "idle"
+    assert http_get(f"{url}/dropgate/metrics")[0] == 404
+    assert http_get(f"{url}/dropgate")[0] == 301
+    # When the flag is removed, Then the platform answers again (nginx tests it on every request)
+    flag.unlink()
+    assert http_get(f"{url}/reports/today")[0:3:2] == (200, "the platform, release 1.0.0\n")
