@@ -93,7 +93,11 @@ def restore(ctx: StepContext) -> None:
     if not raw:
         raise RollbackFailed(f"run {ctx.run_id} has no backup to restore the data from")
     backup_dir = Path(raw)
-    problems = verify_snapshot(backup_dir, checkpoint=ctx.checkpoint)
+    problems = verify_snapshot(
+        backup_dir,
+        checkpoint=ctx.checkpoint,
+        progress=lambda done, expected: ctx.progress(done / expected, "verifying the backup"),
+    )
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise RollbackFailed(f"the backup {backup_dir} failed verification, no data was restored: {problems[0]}{more}")
