@@ -556,6 +556,8 @@ for folder in etc opt usr var run; do
     mount -t overlay overlay \
         -o "lowerdir=/$folder,upperdir=$scratch/$folder/upper,workdir=$scratch/$folder/work" "/$folder" || exit 97
 done
+# sshd -t (run by the installer) wants the folder the ssh service makes when it starts; no ssh service runs here.
+mkdir -p /run/sshd
 "$source/deploy/install.sh" > "$out/first.txt" 2>&1 || { echo "exit status $?" >> "$out/first.txt"; exit 1; }
 "$source/deploy/install.sh" > "$out/second.txt" 2>&1 || { echo "exit status $?" >> "$out/second.txt"; exit 1; }
 getent group dropgate-admin dropgate-upload | cut -d: -f1 > "$out/groups.txt"
