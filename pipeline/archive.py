@@ -225,6 +225,20 @@ class Manifest:
         """JSON-serialisable, for the journal: the fields plus who signed it and its digest."""
         return {**self.to_fields(), "key_id": self.key_id, "digest": self.digest}
 
+    def summary(self) -> dict[str, Any]:
+        """`to_dict` without the per-file list: what a run keeps in the journal.
+
+        The journal record is read on every status refresh; a 200,000-file list
+        there would make each read parse megabytes. The full list stays in the
+        signed archive, which the run keeps.
+        """
+        fields = self.to_dict()
+        fields.pop("files", None)
+        fields.pop("dirs", None)
+        fields["file_count"] = len(self.files)
+        fields["unpacked_bytes"] = self.unpacked_bytes
+        return fields
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """The inverse of `to_dict` (validated like a manifest read from an archive)."""

@@ -402,7 +402,10 @@ def manifest_requirements(manifest: Mapping[str, Any] | None) -> Mapping[str, An
 
 def release_bytes(manifest: Mapping[str, Any] | None) -> int:
     """The size of the release the archive installs (the sum of its payload files)."""
-    files = (manifest or {}).get("files") or {}
+    manifest = manifest or {}
+    files = manifest.get("files")
+    if not files:  # the journal's summary form keeps only the total
+        return int(manifest.get("unpacked_bytes") or 0)
     return sum(int(entry.get("size", 0)) for entry in files.values() if isinstance(entry, Mapping))
 
 

@@ -141,7 +141,7 @@ def run(ctx: StepContext) -> None:
     )
     downtime, reason = plan_downtime(installed, manifest.version, manifest.downtime)
     ctx.save_facts(
-        manifest=manifest.to_dict(),
+        manifest=manifest.summary(),
         from_version=installed,
         to_version=manifest.version,
         release_dir=str(target),
