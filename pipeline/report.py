@@ -92,6 +92,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         view = run_view(current)
         view["events"] = [{"ts": e.ts, "step": e.step, "message": e.message} for e in journal.events(current.id)[-8:]]
         view["notes"] = (current.facts.get("manifest") or {}).get("notes")
+        view["steps"] = journal.step_timings(current.id)
         view["log_tail"] = tail(config.paths.state / "runs" / f"{current.id}.log", 20)
         result["run"] = view
     result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in journal.queued()]
