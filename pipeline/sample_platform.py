@@ -150,11 +150,19 @@ main()
 '''
 
 
+def release_files(version: str, *, health_status: int = 200) -> dict[str, str]:
+    """The files of a sample release (its code and its VERSION): relative path → content."""
+    return {
+        "app.py": APP_SOURCE.format(version=version, health_status=health_status),
+        "VERSION": version + "\n",
+    }
+
+
 def write_release(folder: Path, version: str, *, health_status: int = 200) -> Path:
-    """A release folder of the sample platform: its code and its VERSION (a /health answering `health_status`)."""
+    """A release folder of the sample platform whose /health answers `health_status`."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(APP_SOURCE.format(version=version, health_status=health_status), encoding="utf-8")
-    (folder / "VERSION").write_text(version + "\n", encoding="utf-8")
+    for name, content in release_files(version, health_status=health_status).items():
+        (folder / name).write_text(content, encoding="utf-8")
     return folder
 
 
@@ -191,6 +199,15 @@ def _running_pid(root: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if b"app.py" in cmdline else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie left to a parent that does not reap does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _probe(port: int, path: str = "/") -> tuple[int, dict[str, str]] | None:
@@ -252,7 +269,7 @@ def stop(root: Path, port: int) -> int:
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not Path(f"/proc/{pid}").exists() or _running_pid(root) is None:
+            if not _alive(pid):
                 print(f"sample platform stopped (pid {pid})")
                 return 0
             time.sleep(0.05)
@@ -269,7 +286,7 @@ def restart(root: Path, port: int) -> int:
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if _running_pid(root) is None:
+        if not _alive(pid):  # not _running_pid: its command line is briefly empty during exec
             print(f"sample platform died while reloading: {_log_tail(root)}", file=sys.stderr)
             return 1
         answer = _probe(port)

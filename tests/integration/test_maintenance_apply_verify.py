@@ -304,8 +304,9 @@ def test_a_hung_post_apply_hook_is_killed_with_its_children(site: Site) -> None:
     with pytest.raises(StepTimeout, match=r"post-apply post.sh was still running at the step's time limit"):
         apply.run(site.context("apply", limit=3))
 
-    for pid in pids.read_text().split():
-        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), f"process {pid} to be gone")
+    hook_processes = [Path(f"/proc/{pid}") for pid in pids.read_text().split()]
+    assert len(hook_processes) == 2
+    wait_for(lambda: not any(p.exists() for p in hook_processes), "the hook and its child to be gone")
     assert "[post-apply post.sh] hanging" in site.recorder.log_text()
 
 
