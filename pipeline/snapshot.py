@@ -263,6 +263,8 @@ class SnapshotInfo:
     dumps: Mapping[str, int] = field(default_factory=dict)
     verified_at: float | None = None
     verify_problems: tuple[str, ...] = ()
+    changing_files: int = 0  # changed while copied (copies may be torn: databases need a dump)
+    vanished_files: int = 0  # removed by the platform between the walk and their copy
 
     @property
     def verified(self) -> bool:
@@ -286,6 +288,8 @@ class SnapshotInfo:
             "verified": self.verified,
             "verified_at": self.verified_at,
             "verify_problems": list(self.verify_problems),
+            "changing_files": self.changing_files,
+            "vanished_files": self.vanished_files,
         }
 
 
@@ -313,6 +317,8 @@ def read_summary(dest: Path) -> SnapshotInfo:
         dumps=dict(raw.get("dumps", {})),
         verified_at=raw.get("verified_at"),
         verify_problems=tuple(raw.get("verify_problems", ())),
+        changing_files=int(raw.get("changing_files", 0)),
+        vanished_files=int(raw.get("vanished_files", 0)),
     )
 
 
@@ -504,6 +510,14 @@ def probe_space(path: Path) -> Space:
 # -- copying ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Copied:
+    sha256: str
+    info: os.stat_result  # the source as it was after its (last) copy
+    size: int  # the bytes copied
+    settled: bool  # the source did not change while it was copied
+
+
 class _Copier:
     """Copies one file, then hashes the copy: the hash in the manifest is that of the bytes stored.
 
@@ -529,11 +543,12 @@ class _Copier:
             buf = self._local.buffer = bytearray(_BUFFER)
         return buf
 
-    def copy(self, src: str, dst: str, owner: bool) -> tuple[str, os.stat_result]:
-        """Copy `src` to the new file `dst` with its mode, owner and times; return (sha256 of `dst`, src stat).
+    def copy(self, src: str, dst: str, owner: bool) -> _Copied:
+        """Copy `src` to the new file `dst` with its mode, owner and times.
 
-        A file that changes while it is copied is copied again (three tries, then the last copy
-        stands, described by the stat it had when it was read).
+        A file that changes while it is copied (the platform is in service) is copied
+        again; after three tries the last copy stands, `settled` false: its size and
+        hash are those of the bytes copied, and the next snapshot copies it again.
         """
         flags = os.O_RDONLY | os.O_NOFOLLOW
         try:
@@ -543,17 +558,20 @@ class _Copier:
         try:
             fo = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
-                for _attempt in range(3):
+                for attempt in range(3):
+                    if attempt:
+                        self._rewind(fi, fo)
                     before = os.fstat(fi)
-                    self._transfer(fi, fo)
+                    self._transfer(fi, fo, before.st_size)
                     after = os.fstat(fi)
-                    if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+                    settled = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
                         after.st_size,
                         after.st_mtime_ns,
                         after.st_ctime_ns,
-                    ):
+                    )
+                    if settled:
                         break
-                    self._rewind(fi, fo)
+                size = os.fstat(fo).st_size
                 digest = self._hash(fo)
                 if owner:
                     os.fchown(fo, after.st_uid, after.st_gid)
@@ -563,7 +581,7 @@ class _Copier:
                 os.close(fo)
         finally:
             os.close(fi)
-        return digest, after
+        return _Copied(digest, after, size, settled)
 
     @staticmethod
     def _rewind(fi: int, fo: int) -> None:
@@ -571,7 +589,8 @@ class _Copier:
         os.lseek(fo, 0, os.SEEK_SET)
         os.ftruncate(fo, 0)
 
-    def _transfer(self, fi: int, fo: int) -> None:
+    def _transfer(self, fi: int, fo: int, size: int) -> None:
+        """Copy the first `size` bytes (the size when the copy began: a growing file cannot keep it going)."""
         if self.reflink:
             try:
                 fcntl.ioctl(fo, _FICLONE, fi)
@@ -585,7 +604,12 @@ class _Copier:
                 return
         if self.kernel_copy:
             try:
-                while os.copy_file_range(fi, fo, _CHUNK):
+                left = size
+                while left > 0:
+                    n = os.copy_file_range(fi, fo, min(left, _CHUNK))
+                    if not n:
+                        break  # it shrank
+                    left -= n
                     self._check_stop()
                 return
             except OSError as error:
@@ -596,10 +620,10 @@ class _Copier:
         buf = self._buffer()
         view = memoryview(buf)
         done = 0
-        while True:
-            n = os.readv(fi, [buf])
+        while done < size:
+            n = os.readv(fi, [view[: min(_BUFFER, size - done)]])
             if not n:
-                return
+                return  # it shrank
             done += n
             if done % _CHUNK < n:
                 self._check_stop()
@@ -753,7 +777,7 @@ def take_snapshot(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    throttle.add(0, force=True)
+    throttle.add(max(0, throttle.expected - throttle.done), force=True)  # complete, whatever vanished
     return read_summary(dest)
 
 
@@ -782,10 +806,12 @@ def _fill(
     owner = _can_chown()
     names = root_names(sources)
     copier = _Copier(reflink, write)
-    counts = {"files": 0, "dirs": 0, "bytes": 0, "new_files": 0, "new_bytes": 0, "shared_files": 0}
+    counts = dict.fromkeys(
+        ("files", "dirs", "bytes", "new_files", "new_bytes", "shared_files", "changing_files", "vanished_files"), 0
+    )
     folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
-    window: deque[tuple[dict[str, Any], str, Future[tuple[str, os.stat_result]]]] = deque()
+    window: deque[tuple[dict[str, Any], str, Future[_Copied]]] = deque()
     limit = 64
     manifest_path = partial / MANIFEST
     current = ""
@@ -794,15 +820,22 @@ def _fill(
         while window and (block or len(window) >= limit or window[0][2].done()):
             entry, src, future = window.popleft()
             try:
-                digest, info = future.result()
+                copied = future.result()
+            except FileNotFoundError as error:
+                if error.filename != src:
+                    raise _translate(error, src, partial, space, throttle) from error
+                counts["vanished_files"] += 1  # removed by the platform since the walk saw it
+                counts["files"] -= 1
+                continue
             except OSError as error:
                 raise _translate(error, src, partial, space, throttle) from error
-            entry.update(_file_fields(info), sha256=digest)
+            entry.update(_file_fields(copied.info), size=copied.size, sha256=copied.sha256)
             manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
             counts["new_files"] += 1
-            counts["new_bytes"] += info.st_size
-            counts["bytes"] += info.st_size
-            throttle.add(info.st_size)
+            counts["new_bytes"] += copied.size
+            counts["bytes"] += copied.size
+            counts["changing_files"] += not copied.settled
+            throttle.add(copied.size)
 
     manifest = None
     try:
@@ -836,7 +869,11 @@ def _fill(
                     counts["dirs"] += 1
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
                 elif kind == "symlink":
-                    target = os.readlink(src)
+                    try:
+                        target = os.readlink(src)
+                    except FileNotFoundError:
+                        counts["vanished_files"] += 1
+                        continue
                     os.symlink(target, dst)
                     entry.update(_meta_fields(info), target=target)
                     _apply_meta(dst, entry, owner)

@@ -61,6 +61,13 @@ def run(ctx: StepContext) -> None:
         f"snapshot of {len(info.sources)} path{'s' if len(info.sources) != 1 else ''}: {info.files:,} files, "
         f"{format_bytes(info.bytes)}{shared}, {format_bytes(info.new_bytes)} written, verified"
     )
+    if info.changing_files:
+        ctx.event(
+            f"{info.changing_files:,} files kept changing while they were copied (the platform is in service); "
+            "their copies may be torn: databases must be backed up by a dump"
+        )
+    if info.vanished_files:
+        ctx.event(f"{info.vanished_files:,} files were removed by the platform before they could be copied")
     for name, size in info.dumps.items():
         ctx.event(f"dump {name}: {format_bytes(size)}")
     removed = prune_snapshots(backups, config.backup.keep, protect={*ctx.protected_runs, ctx.run_id})

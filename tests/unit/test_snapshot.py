@@ -405,3 +405,47 @@ def test_names_of_one_file_stay_one_file_through_snapshot_and_restore(live: Path
     assert verify_snapshot(backups / "1") == [
         f"{copy / 'uploads' / 'index.json'}: should be the same file as {copy / 'config' / 'index-link.json'}"
     ]
+
+
+def test_a_file_removed_by_the_platform_during_the_snapshot_is_left_out(tmp_path: Path, backups: Path) -> None:
+    """The walk has seen `b` (the third checkpoint comes right after it is listed), then it vanishes."""
+    live = tmp_path / "data"
+    live.mkdir()
+    for name in ("a", "b", "c"):
+        (live / name).write_text(name)
+    calls = []
+
+    def platform_removes_b() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            (live / "b").unlink()
+
+    info = take_snapshot([live], backups / "1", run_id=1, checkpoint=platform_removes_b, workers=1)
+
+    assert (info.files, info.vanished_files) == (2, 1)
+    assert sorted(os.listdir(backups / "1" / "data" / "data")) == ["a", "c"]
+    assert verify_snapshot(backups / "1") == []
+
+
+def test_a_file_that_keeps_changing_while_copied_is_kept_as_copied_and_verifies(tmp_path: Path, backups: Path) -> None:
+    """The platform appends to a log while it is copied (an injected write: the copy's own writes trigger it)."""
+    live = tmp_path / "data"
+    live.mkdir()
+    log = live / "app.log"
+    log.write_bytes(b"line\n" * 50_000)
+
+    def write(fd: int, data: memoryview) -> int:
+        with open(log, "ab") as handle:
+            handle.write(b"appended while copying\n")
+        return os.write(fd, data)
+
+    info = take_snapshot([live], backups / "1", run_id=1, write=write, reflink=False)
+
+    copy = backups / "1" / "data" / "data" / "app.log"
+    assert info.changing_files == 1
+    assert copy.read_bytes().startswith(b"line\n" * 50_000)
+    assert info.bytes == copy.stat().st_size
+    assert verify_snapshot(backups / "1") == []
+    # And the next snapshot copies it again rather than sharing a possibly torn copy
+    second = take_snapshot([live], backups / "2", backups / "1", run_id=2)
+    assert second.shared_files == 0
