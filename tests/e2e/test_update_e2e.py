@@ -7,7 +7,9 @@ a front that stands in for nginx with dropgate's maintenance snippet.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -281,3 +283,28 @@ def test_hold_leaves_maintenance_on_and_the_gate_blocked(site: Site, platform: S
     assert status["gate"] == "blocked"
     assert site.metric("dropgate_maintenance_active") == 1
     assert site.run(2)["outcome"] is None  # type: ignore[index]
+
+
+def test_the_demo_runs_its_sample_updates_and_stops_everything(tmp_path: Path) -> None:
+    # Given nothing but an empty folder
+    folder = tmp_path / "demo"
+
+    # When a newcomer runs the README's first command with --once
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "demo", "--dir", str(folder), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    # Then every sample run ended as expected, with the patch live and the minor update behind a 503
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 of 3 runs ended as expected." in result.stdout
+    assert "gts.1.0.1.tgz: succeeded: 1.0.0 → 1.0.1, no downtime" in result.stdout
+    assert "gts.1.1.0.tgz: succeeded: 1.0.1 → 1.1.0, downtime" in result.stdout
+    assert "visitors get: 503 maintenance page (Retry-After 300)" in result.stdout
+    assert "gts.1.2.0.tgz: rejected:" in result.stdout
+    # And the sample platform it started is stopped again
+    app_port = json.loads((folder / ".dropgate-demo").read_text())["app_port"]
+    assert get(f"http://127.0.0.1:{app_port}/health") is None
