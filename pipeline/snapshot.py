@@ -42,6 +42,7 @@ modes, owners and mtimes are set back.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import errno
@@ -436,7 +437,7 @@ class _Previous:
         for entry in lines:
             files = by_name.get(entry["root"])
             if files is not None and entry["type"] == "file":
-                files[entry["path"]] = tuple(entry[key] for key in _FILE_KEYS)
+                files[entry["path"]] = tuple(entry.get(key) for key in _FILE_KEYS)
         files_by_source = {root["source"]: by_name[root["name"]] for root in header["roots"]}
         return cls(info.run, previous, files_by_source, roots, dict(info.dumps))
 
@@ -446,7 +447,7 @@ class _Previous:
         fields = files.get(rel) if files is not None else None
         if fields is None:
             return None
-        size, mode, uid, gid, mtime_ns, dev, ino, ctime_ns, _sha256 = fields
+        size, mode, uid, gid, mtime_ns, dev, ino, ctime_ns, _sha256, _xattrs = fields
         same = (
             size == info.st_size
             and mtime_ns == info.st_mtime_ns
@@ -516,6 +517,7 @@ class _Copied:
     info: os.stat_result  # the source as it was after its (last) copy
     size: int  # the bytes copied
     settled: bool  # the source did not change while it was copied
+    xattrs: dict[str, str] | None
 
 
 class _Copier:
@@ -573,6 +575,7 @@ class _Copier:
                         break
                 size = os.fstat(fo).st_size
                 digest = self._hash(fo)
+                xattrs = read_xattrs(fi)
                 if owner:
                     os.fchown(fo, after.st_uid, after.st_gid)
                 os.fchmod(fo, stat.S_IMODE(after.st_mode))
@@ -581,7 +584,7 @@ class _Copier:
                 os.close(fo)
         finally:
             os.close(fi)
-        return _Copied(digest, after, size, settled)
+        return _Copied(digest, after, size, settled, xattrs)
 
     @staticmethod
     def _rewind(fi: int, fo: int) -> None:
@@ -664,6 +667,47 @@ def _apply_meta(path: str, entry: Mapping[str, Any], owner: bool) -> None:
     if not link:
         os.chmod(path, int(entry["mode"], 8))
     os.utime(path, ns=(entry["mtime_ns"], entry["mtime_ns"]), follow_symlinks=not link)
+
+
+def read_xattrs(target: int | str) -> dict[str, str] | None:
+    """The extended attributes (ACLs, SELinux labels, user.*) of an open file or a path (not followed).
+
+    Values are base64; None when there are none or the filesystem has none.
+    """
+    try:
+        if isinstance(target, int):
+            names = os.listxattr(target)
+            values = {name: os.getxattr(target, name) for name in names}
+        else:
+            names = os.listxattr(target, follow_symlinks=False)
+            values = {name: os.getxattr(target, name, follow_symlinks=False) for name in names}
+    except OSError as error:
+        if error.errno in (errno.ENOTSUP, errno.ENODATA):
+            return None
+        raise
+    return {name: base64.b64encode(value).decode() for name, value in sorted(values.items())} or None
+
+
+def _restore_xattrs(path: str, entry: Mapping[str, Any]) -> None:
+    """Give `path` exactly the extended attributes `entry` records (removing those it does not)."""
+    wanted = {name: base64.b64decode(value) for name, value in (entry.get("xattrs") or {}).items()}
+    link = entry["type"] == "symlink"
+    try:
+        present = set(os.listxattr(path, follow_symlinks=False))
+    except OSError as error:
+        if error.errno == errno.ENOTSUP and not wanted:
+            return
+        raise
+    for name in present - set(wanted):
+        try:
+            os.removexattr(path, name, follow_symlinks=False)
+        except OSError as error:
+            if not (link and error.errno in (errno.EPERM, errno.ENOTSUP)):
+                raise
+    for name, value in wanted.items():
+        if name in present and os.getxattr(path, name, follow_symlinks=False) == value:
+            continue
+        os.setxattr(path, name, value, follow_symlinks=False)
 
 
 def _can_chown() -> bool:
@@ -830,6 +874,8 @@ def _fill(
             except OSError as error:
                 raise _translate(error, src, partial, space, throttle) from error
             entry.update(_file_fields(copied.info), size=copied.size, sha256=copied.sha256)
+            if copied.xattrs:
+                entry["xattrs"] = copied.xattrs
             manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
             counts["new_files"] += 1
             counts["new_bytes"] += copied.size
@@ -865,6 +911,9 @@ def _fill(
                 if kind == "dir":
                     os.mkdir(dst, 0o700)
                     entry.update(_meta_fields(info))
+                    xattrs = read_xattrs(src)
+                    if xattrs:
+                        entry["xattrs"] = xattrs
                     folders.append((dst, entry))
                     counts["dirs"] += 1
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -876,6 +925,9 @@ def _fill(
                         continue
                     os.symlink(target, dst)
                     entry.update(_meta_fields(info), target=target)
+                    xattrs = read_xattrs(src)
+                    if xattrs:
+                        entry["xattrs"] = xattrs
                     _apply_meta(dst, entry, owner)
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
                 elif info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes:
@@ -890,7 +942,7 @@ def _fill(
                     counts["files"] += 1
                     shared = prev.unchanged(source, rel, info)
                     if shared is not None and _link_previous(prev.copy_of(source, rel), dst, shared):
-                        entry.update(zip(_FILE_KEYS, shared, strict=True))
+                        entry.update((k, v) for k, v in zip(_FILE_KEYS, shared, strict=True) if v is not None)
                         counts["shared_files"] += 1
                         counts["bytes"] += info.st_size
                         throttle.add(info.st_size)
@@ -936,7 +988,7 @@ def _fill(
     }
 
 
-_FILE_KEYS = ("size", "mode", "uid", "gid", "mtime_ns", "src_dev", "src_ino", "src_ctime_ns", "sha256")
+_FILE_KEYS = ("size", "mode", "uid", "gid", "mtime_ns", "src_dev", "src_ino", "src_ctime_ns", "sha256", "xattrs")
 
 
 def _meta_fields(info: os.stat_result) -> dict[str, Any]:
@@ -1254,6 +1306,7 @@ def _restore_root(
             if not (path.is_symlink() and os.readlink(path) == entry["target"]):
                 _replace_with_symlink(path, entry["target"])
             _apply_meta(str(path), entry, owner)
+            _restore_xattrs(str(path), entry)
         elif kind == "hardlink":
             tmp = path.with_name(f"{_RESTORE_PREFIX}{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):
@@ -1270,11 +1323,13 @@ def _restore_root(
                 copy = copy_root if rel == "." else copy_root / rel
                 copier.copy(str(copy), str(tmp), owner=False)
                 _apply_meta(str(tmp), entry, owner)
+                _restore_xattrs(str(tmp), entry)
                 os.replace(tmp, path)
                 restored += 1
                 copied_bytes += entry["size"]
             throttle.add(entry["size"])
     for folder, entry in reversed(folders):
+        _restore_xattrs(folder, entry)
         _apply_meta(folder, entry, owner)
     return restored, kept, removed, copied_bytes
 

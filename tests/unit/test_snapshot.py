@@ -449,3 +449,34 @@ def test_a_file_that_keeps_changing_while_copied_is_kept_as_copied_and_verifies(
     # And the next snapshot copies it again rather than sharing a possibly torn copy
     second = take_snapshot([live], backups / "2", backups / "1", run_id=2)
     assert second.shared_files == 0
+
+
+def xattrs_of(path: Path) -> dict[str, bytes]:
+    return {name: os.getxattr(path, name) for name in os.listxattr(path) if name.startswith("user.")}
+
+
+def test_extended_attributes_are_recorded_and_restored_exactly(live: Path, backups: Path) -> None:
+    """user.* attributes stand for ACLs and SELinux labels, which travel the same way (root sets those too)."""
+    key, folder = live / "config" / "secret.key", live / "config"
+    try:
+        os.setxattr(key, "user.origin", b"vendor")
+    except OSError as error:
+        pytest.skip(f"this filesystem has no user extended attributes: {error.strerror}")
+    os.setxattr(folder, "user.policy", b"private")
+    take_snapshot([live], backups / "1", run_id=1)
+    entry = next(e for e in read_manifest(backups / "1").entries if e["path"] == "config/secret.key")
+    assert entry["xattrs"] == {"user.origin": "dmVuZG9y"}  # base64 of b"vendor"
+    second = take_snapshot([live], backups / "2", backups / "1", run_id=2)  # shared: its attributes carried over
+    assert second.shared_files == 5
+    assert next(e for e in read_manifest(backups / "2").entries if e["path"] == "config/secret.key") == entry
+    # When the update rewrites the file, drops one attribute, changes another and adds a third
+    key.write_text("rotated\n")
+    os.setxattr(key, "user.rotated", b"yes")
+    os.removexattr(key, "user.origin")
+    os.setxattr(folder, "user.policy", b"public")
+
+    restore_snapshot(backups / "2")
+
+    assert xattrs_of(key) == {"user.origin": b"vendor"}
+    assert xattrs_of(folder) == {"user.policy": b"private"}
+    assert key.read_text() == "k3y\n"
