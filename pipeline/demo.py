@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,38 @@ def _build_archive(site: Path, key: Path, version: str, manifest: dict[str, Any]
     return pack(source, key, site / "archives")
 
 
+def sandbox_config(platform: Path, app_port: int, status_port: int) -> dict[str, Any]:
+    """The configuration of a sandbox site whose folder holds `platform` (paths relative to that folder)."""
+    return {
+        "paths": {"inbox": "inbox", "state": "state", "backups": "backups"},
+        "platform": {
+            "product": "gts",
+            "root": "platform",
+            "data": ["data"],
+            "keep_releases": 3,
+            "services": service_commands(platform.absolute(), app_port),
+        },
+        "trust": {"keys": ["keys/vendor.pub"]},
+        "inbox": {"settle_seconds": 0.3, "rescan_seconds": 2},
+        # The sandbox runs on any laptop: the production thresholds (4 cores, 8 GiB) are lowered.
+        "prereq": {
+            "min_cpus": 1,
+            "recommended_cpus": 1,
+            "min_memory_gib": 0.25,
+            "recommended_memory_gib": 0.25,
+            "min_free_percent": 1,
+        },
+        "maintenance": {"flag_file": "run/maintenance", "retry_after": "5m"},
+        "verify": {
+            "http": [{"url": f"http://127.0.0.1:{app_port}/health", "version": True}],
+            "interval_seconds": 0.2,
+        },
+        "policy": {"timeouts": {"validate": "2m", "backup": "5m", "apply": "2m", "verify": "1m"}},
+        "metrics": {"listen": f"127.0.0.1:{status_port}"},
+        "control": {"admin_group": grp.getgrgid(os.getgid()).gr_name},
+    }
+
+
 def build_site(folder: Path, status_port: int) -> dict[str, Any]:
     """Write the whole sandbox; returns what the demo needs to run it."""
     _prepare_folder(folder)
@@ -139,34 +171,7 @@ def build_site(folder: Path, status_port: int) -> dict[str, Any]:
     good.write_bytes(bytes(data))
     samples.append(Sample(good.name, "a download damaged in transit: rejected, nothing touched", "rejected"))
 
-    config = {
-        "paths": {"inbox": "inbox", "state": "state", "backups": "backups"},
-        "platform": {
-            "product": "gts",
-            "root": "platform",
-            "data": ["data"],
-            "keep_releases": 3,
-            "services": service_commands(platform.absolute(), app_port),
-        },
-        "trust": {"keys": ["keys/vendor.pub"]},
-        "inbox": {"settle_seconds": 0.3, "rescan_seconds": 2},
-        # The sandbox runs on any laptop: the production thresholds (4 cores, 8 GiB) are lowered.
-        "prereq": {
-            "min_cpus": 1,
-            "recommended_cpus": 1,
-            "min_memory_gib": 0.25,
-            "recommended_memory_gib": 0.25,
-            "min_free_percent": 1,
-        },
-        "maintenance": {"flag_file": "run/maintenance", "retry_after": "5m"},
-        "verify": {
-            "http": [{"url": f"http://127.0.0.1:{app_port}/health", "version": True}],
-            "interval_seconds": 0.2,
-        },
-        "policy": {"timeouts": {"validate": "2m", "backup": "5m", "apply": "2m", "verify": "1m"}},
-        "metrics": {"listen": f"127.0.0.1:{status_port}"},
-        "control": {"admin_group": grp.getgrgid(os.getgid()).gr_name},
-    }
+    config = sandbox_config(platform, app_port, status_port)
     config_path = folder / "dropgate.yaml"
     header = "# The demo site's configuration, written by `dropgate demo`.\n"
     config_path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -217,37 +222,51 @@ def _describe(run: Run) -> str:
     return run.error or versions
 
 
-def follow(journal_path: Path, sample: Sample, front_port: int, console: Console) -> Run:
-    """Print the run's steps and what visitors see until it ends; the finished run."""
-    deadline = time.monotonic() + RUN_TIMEOUT
-    seen_step, seen_answer = "", ""
+def wait_for_run(
+    journal_path: Path, name: str, *, timeout: float = RUN_TIMEOUT, on_poll: Callable[[Run | None], None] | None = None
+) -> Run:
+    """Poll the journal (read-only, as `status` does) until the run of archive `name` has an outcome."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        answer = _platform_answer(front_port)
-        if answer != seen_answer:
-            console.say(f"    visitors get: {answer}")
-            seen_answer = answer
+        run = None
         try:
             journal = Journal(journal_path, readonly=True)
         except JournalError:
-            time.sleep(0.1)
-            continue
-        try:
-            run = _find_run(journal, sample.name)
-        finally:
-            journal.close()
-        if run is not None and not run.outcome:
-            step = f"{run.step} ({run.progress_message})" if run.progress_message else run.step
-            if step != seen_step:
-                console.say(f"  run {run.id}: {step}")
-                seen_step = step
+            pass
+        else:
+            try:
+                run = _find_run(journal, name)
+            finally:
+                journal.close()
+        if on_poll is not None:
+            on_poll(run)
         if run is not None and run.outcome:
             return run
         time.sleep(0.1)
-    raise DropgateError(f"{sample.name} did not finish within {RUN_TIMEOUT:g}s; see the daemon's log")
+    raise DropgateError(f"{name} did not finish within {timeout:g}s; see the daemon's log")
+
+
+def follow(journal_path: Path, sample: Sample, front_port: int, console: Console) -> Run:
+    """Print the run's steps and what visitors see until it ends; the finished run."""
+    seen = {"step": "", "answer": ""}
+
+    def show(run: Run | None) -> None:
+        answer = _platform_answer(front_port)
+        if answer != seen["answer"]:
+            console.say(f"    visitors get: {answer}")
+            seen["answer"] = answer
+        if run is not None and not run.outcome:
+            step = f"{run.step} ({run.progress_message})" if run.progress_message else run.step
+            if step != seen["step"]:
+                console.say(f"  run {run.id}: {step}")
+                seen["step"] = step
+
+    return wait_for_run(journal_path, sample.name, on_poll=show)
 
 
 @contextmanager
-def _process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def background_process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process for the duration of the block (output to `log`), sent SIGTERM at the end."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -262,19 +281,22 @@ def _process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait(timeout=10)
 
 
-def _wait_ready(daemon: subprocess.Popen[bytes], state: Path, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise DropgateError(f"the daemon exited with {daemon.returncode}: {' | '.join(tail)}")
-        if daemon_pid(state) is not None and (state / JOURNAL_NAME).exists():
-            return
-        time.sleep(0.1)
-    raise DropgateError(f"the daemon did not start within 30s; see {log}")
+@contextmanager
+def running_daemon(config: Path, state: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`dropgate run` on `config`, ready (lock held, journal open) when the block starts."""
+    with background_process([sys.executable, "-m", "pipeline", "--config", str(config), "run"], log) as daemon:
+        deadline = time.monotonic() + 30
+        while daemon_pid(state) is None or not (state / JOURNAL_NAME).exists():
+            if daemon.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise DropgateError(f"the daemon exited with {daemon.returncode}: {' | '.join(tail)}")
+            if time.monotonic() > deadline:
+                raise DropgateError(f"the daemon did not start within 30s; see {log}")
+            time.sleep(0.1)
+        yield daemon
 
 
-def _drop(archive: Path, inbox: Path) -> None:
+def drop_archive(archive: Path, inbox: Path) -> None:
     """As an SFTP client would: a hidden partial file, renamed when complete."""
     part = inbox / f".{archive.name}.part"
     shutil.copyfile(archive, part)
@@ -293,16 +315,13 @@ def run_demo(folder: Path, *, once: bool, status_port: int, console: Console) ->
             raise DropgateError(f"the sample platform did not start; see {platform / 'run' / 'app.log'}")
         stack.callback(stop, platform, app_port)
         stack.enter_context(
-            _process(
+            background_process(
                 front_command(front_port, app_port, folder / "run" / "maintenance", f"http://{listen}/"),
                 folder / "front.log",
             )
         )
         daemon_log = folder / "daemon.log"
-        daemon = stack.enter_context(
-            _process([sys.executable, "-m", "pipeline", "--config", str(config), "run"], daemon_log)
-        )
-        _wait_ready(daemon, folder / "state", daemon_log)
+        daemon = stack.enter_context(running_daemon(config, folder / "state", daemon_log))
         print(f"dropgate demo: a sandbox site in {folder}")
         print(f"  status page   http://{listen}/")
         print(f"  the platform  http://127.0.0.1:{front_port}/   (the status page also at /dropgate/)")
@@ -312,7 +331,7 @@ def run_demo(folder: Path, *, once: bool, status_port: int, console: Console) ->
         results = []
         for sample in site["samples"]:
             console.say(f"drop {sample.name}: {sample.what}")
-            _drop(folder / "archives" / sample.name, folder / "inbox")
+            drop_archive(folder / "archives" / sample.name, folder / "inbox")
             run = follow(folder / "state" / JOURNAL_NAME, sample, front_port, console)
             verdict = "as expected" if run.outcome == sample.expected else f"EXPECTED {sample.expected}"
             console.say(f"run {run.id} {sample.name}: {run.outcome}: {_describe(run)}  [{verdict}]")
