@@ -758,15 +758,20 @@ def take_snapshot(
     bytes, before anything is written); builds the snapshot in a partial folder that
     any failure removes (a full disk raises NoSpace naming the file being copied;
     `write` is the one call that writes file content, for tests without a small filesystem);
-    verifies it (every entry's stat, and the hash of every file written now; shared
-    files were verified when first written); syncs it to disk; renames it into place.
+    checks every entry against the manifest (type, size, mode, mtime, links; the hashes
+    were computed from the copies themselves, shared files' when they were first
+    written); syncs it to disk; renames it into place. A previous snapshot whose
+    manifest cannot be read is not used: this one is then a full copy.
     """
     if dest.exists():
         raise SnapshotError(f"{dest} already exists; a snapshot is never overwritten")
     missing_sources = [str(source) for source in sources if not os.path.lexists(source)]
     if missing_sources:
         raise SnapshotError(f"data path {', '.join(missing_sources)} does not exist")
-    prev = _Previous.load(previous)
+    try:
+        prev = _Previous.load(previous)
+    except (SnapshotError, KeyError, TypeError):
+        prev = _Previous.load(None)
     created = now()
     dump_hint = sum(prev.dumps.values())
     estimate = _estimate(sources, prev, dump_hint)

@@ -480,3 +480,15 @@ def test_extended_attributes_are_recorded_and_restored_exactly(live: Path, backu
     assert xattrs_of(key) == {"user.origin": b"vendor"}
     assert xattrs_of(folder) == {"user.policy": b"private"}
     assert key.read_text() == "k3y\n"
+
+
+def test_a_previous_snapshot_with_a_damaged_manifest_is_not_used_and_the_next_is_a_full_copy(
+    live: Path, backups: Path
+) -> None:
+    take_snapshot([live], backups / "1", run_id=1)
+    (backups / "1" / snapshot.MANIFEST).write_text("{not json\n")
+
+    info = take_snapshot([live], backups / "2", backups / "1", run_id=2)
+
+    assert (info.previous, info.shared_files, info.new_files) == (None, 0, 5)
+    assert verify_snapshot(backups / "2") == []
