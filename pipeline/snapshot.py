@@ -959,7 +959,12 @@ def _fill(
                 settle(manifest, block=True)
                 for first_copy, dst, entry in links:
                     current = dst
-                    os.link(first_copy, dst)
+                    try:
+                        os.link(first_copy, dst)
+                    except FileNotFoundError:
+                        counts["vanished_files"] += 1  # its first name was removed before it was copied
+                        counts["files"] -= 1
+                        continue
                     manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
         settle(manifest, block=True)
         for dst, entry in reversed(folders):
