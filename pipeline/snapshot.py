@@ -1239,6 +1239,7 @@ def restore_snapshot(
     *,
     targets: Mapping[str, Path] | None = None,
     verify: bool = True,
+    durable: bool = True,
     checkpoint: Checkpoint = _no_checkpoint,
     progress: Progress = _no_progress,
 ) -> RestoreReport:
@@ -1248,7 +1249,8 @@ def restore_snapshot(
     `targets` maps a recorded source path to where it is restored (default: in place).
     Unchanged files (same inode and ctime as recorded) are kept; the rest are copied
     out of the snapshot under a temporary name and renamed over the live one; entries
-    the snapshot does not have are removed; modes, owners and mtimes are set back.
+    the snapshot does not have are removed; modes, owners, mtimes and extended
+    attributes are set back; each restored filesystem is synced before returning.
     """
     if verify:
         problems = verify_snapshot(dest, checkpoint=checkpoint)
@@ -1271,6 +1273,8 @@ def restore_snapshot(
             dest / DATA / root["name"], target, entries, owner=owner, checkpoint=checkpoint, throttle=throttle
         )
         totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        if durable:
+            _sync_filesystem(target if target.is_dir() else target.parent)
     throttle.add(0, force=True)
     return RestoreReport(*totals)
 
@@ -1331,6 +1335,7 @@ def _restore_root(
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
                 copy = copy_root if rel == "." else copy_root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)  # a data path that is one file, its folder gone
                 copier.copy(str(copy), str(tmp), owner=False)
                 _apply_meta(str(tmp), entry, owner)
                 _restore_xattrs(str(tmp), entry)

@@ -492,3 +492,17 @@ def test_a_previous_snapshot_with_a_damaged_manifest_is_not_used_and_the_next_is
 
     assert (info.previous, info.shared_files, info.new_files) == (None, 0, 5)
     assert verify_snapshot(backups / "2") == []
+
+
+def test_a_data_path_that_is_one_file_is_snapshotted_and_restored(tmp_path: Path, backups: Path) -> None:
+    single = tmp_path / "etc" / "license.key"
+    single.parent.mkdir()
+    single.write_text("LICENSE-1\n")
+    single.chmod(0o640)
+    take_snapshot([single], backups / "1", run_id=1)
+    shutil.rmtree(single.parent)
+
+    restore_snapshot(backups / "1")
+
+    assert single.read_text() == "LICENSE-1\n"
+    assert stat.S_IMODE(single.stat().st_mode) == 0o640
