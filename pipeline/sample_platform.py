@@ -356,13 +356,16 @@ def make_front(port: int, backend_port: int, flag: Path, status_url: str | None)
                 return
             finally:
                 connection.close()
-            keep = [(k, v) for k, v in response.getheaders() if k.lower() not in ("content-length", "connection",
-                                                                                "transfer-encoding", "server", "date")]
+            keep = [
+                (k, v)
+                for k, v in response.getheaders()
+                if k.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date")
+            ]
             self._answer(response.status, body, keep)
 
         def do_GET(self) -> None:
             if status is not None and (self.path == "/dropgate" or self.path.startswith("/dropgate/")):
-                rest = self.path[len("/dropgate"):] or "/"
+                rest = self.path[len("/dropgate") :] or "/"
                 self._pass(status.hostname or "127.0.0.1", status.port or 80, status.path.rstrip("/") + rest)
                 return
             retry_after = _retry_after(flag)
@@ -370,8 +373,11 @@ def make_front(port: int, backend_port: int, flag: Path, status_url: str | None)
                 self._answer(
                     503,
                     MAINTENANCE_PAGE.encode(),
-                    [("Retry-After", str(retry_after)), ("Content-Type", "text/html; charset=utf-8"),
-                     ("Cache-Control", "no-store")],
+                    [
+                        ("Retry-After", str(retry_after)),
+                        ("Content-Type", "text/html; charset=utf-8"),
+                        ("Cache-Control", "no-store"),
+                    ],
                 )
                 return
             self._pass("127.0.0.1", backend_port, self.path)

@@ -419,7 +419,7 @@ def test_check_platform_names_each_failure(site: Site) -> None:
 
 def test_a_check_failing_during_the_soak_fails_verify(site: Site) -> None:
     counter = site.tmp / "count"
-    check = f'n=$(($(cat {counter} 2>/dev/null || echo 0) + 1)); echo $n > {counter}; [ $n -lt 3 ]'
+    check = f"n=$(($(cat {counter} 2>/dev/null || echo 0) + 1)); echo $n > {counter}; [ $n -lt 3 ]"
     site.overrides["verify"] = {"commands": [{"shell": check}], "soak_seconds": 60}
     site.stage("1.1.0")
     apply.run(site.context("apply"))
