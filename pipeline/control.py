@@ -57,6 +57,22 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def peer_groups(pid: int, uid: int, gid: int) -> set[int]:
+    """The groups the connecting process really has (its supplementary groups, as the kernel
+    knows them, which covers LDAP/SSSD members), or else those the user database lists."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(group) for group in line.split()[1:]}
+    except OSError:
+        pass
+    try:
+        return set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        return {gid}
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -95,16 +111,12 @@ class ControlServer(threading.Thread):
         self.sock.listen(16)
         self.sock.settimeout(0.5)
 
-    def _allowed(self, uid: int) -> bool:
+    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
         if uid in (0, os.geteuid()):
             return True
         if self._gid is None:
             return False
-        try:
-            user = pwd.getpwuid(uid)
-        except KeyError:
-            return False
-        return user.pw_gid == self._gid or user.pw_name in grp.getgrgid(self._gid).gr_mem
+        return self._gid == gid or self._gid in peer_groups(pid, uid, gid)
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -120,9 +132,9 @@ class ControlServer(threading.Thread):
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            pid, uid, _ = _peer(conn)
+            pid, uid, gid = _peer(conn)
             who = f"{_user_name(uid)} (pid {pid})"
-            if not self._allowed(uid):
+            if not self._allowed(pid, uid, gid):
                 self._answer(
                     conn, False, f"{_user_name(uid)} may not control dropgate (need root or group {self.group})"
                 )

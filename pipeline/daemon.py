@@ -162,6 +162,7 @@ class Daemon:
                 finally:
                     reader.close()
 
+            metrics.heartbeat.set(time.time())  # a first scrape must not read 0 (a stale heartbeat)
             http = StatusServer(config, registry, status, history)
             control = ControlServer(config, self._control)
             control.bind()

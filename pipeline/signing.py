@@ -180,6 +180,8 @@ def generate_keypair(prefix: Path, key_id: str | None = None, *, force: bool = F
     key_id = key_id or prefix.name
     if not KEY_ID.match(key_id):
         raise KeyFileError(f"key id {key_id!r} is not 1-64 letters, digits, '.', '_' or '-' (it is taken from -o)")
+    if not prefix.parent.is_dir():
+        raise KeyFileError(f"the folder {prefix.parent} does not exist; create it first (keygen -o FOLDER/NAME)")
     private_path = prefix.with_name(prefix.name + ".key")
     public_path = prefix.with_name(prefix.name + ".pub")
     if not force:

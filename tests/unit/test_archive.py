@@ -96,6 +96,13 @@ def test_keygen_never_replaces_a_key_without_force(tmp_path: Path) -> None:
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
 
 
+def test_keygen_into_a_missing_folder_names_the_folder(tmp_path: Path) -> None:
+    result = dropgate("keygen", "-o", str(tmp_path / "missing" / "vendor"))
+    assert result.returncode == 1
+    assert f"the folder {tmp_path / 'missing'} does not exist; create it first" in result.stderr
+    assert ".tmp" not in result.stderr
+
+
 def test_keygen_command_refuses_to_overwrite_and_says_so(tmp_path: Path) -> None:
     first = dropgate("keygen", "-o", str(tmp_path / "vendor-2026"))
     second = dropgate("keygen", "-o", str(tmp_path / "vendor-2026"))
