@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -251,7 +252,10 @@ def test_apply_runs_hooks_and_migrations_in_order_then_switches(site: Site) -> N
     # Given a staged release with hooks and migrations that record their order and environment
     trace = site.tmp / "trace"
     folder = release_dir(site.root, "1.1.0")
-    line = f'echo "$0 $DROPGATE_RUN_ID $DROPGATE_FROM_VERSION $DROPGATE_TO_VERSION" >> {trace}\necho output of $0\n'
+    line = (
+        f'echo "$0 $DROPGATE_RUN_ID $DROPGATE_FROM_VERSION $DROPGATE_TO_VERSION $DROPGATE_RELEASE_DIR" >> {trace}\n'
+        "echo output of $0\n"
+    )
     script(folder / "hooks" / "pre.sh", line)
     script(folder / "hooks" / "post.sh", line)
     script(folder / "migrations" / "001.sh", line)
@@ -267,7 +271,7 @@ def test_apply_runs_hooks_and_migrations_in_order_then_switches(site: Site) -> N
 
     # Then each ran once, in order, with the run's context; current points at the new release
     names = [Path(row.split()[0]).name + " " + " ".join(row.split()[1:]) for row in trace.read_text().splitlines()]
-    assert names == [f"{n} 7 1.0.0 1.1.0" for n in ("pre.sh", "001.sh", "002.sh", "post.sh")]
+    assert names == [f"{n} 7 1.0.0 1.1.0 {folder}" for n in ("pre.sh", "001.sh", "002.sh", "post.sh")]
     assert installed_version(site.root) == "1.1.0"
     assert site.answered_version() == "1.1.0"
     assert site.facts["previous_release"] == str(release_dir(site.root, "1.0.0").resolve())
@@ -276,6 +280,20 @@ def test_apply_runs_hooks_and_migrations_in_order_then_switches(site: Site) -> N
     assert "migration 2/2 migrations/002.sh" in site.recorder.events
     assert "current → releases/1.1.0 (was 1.0.0)" in site.recorder.events
     assert "[migration 2/2 migrations/002.sh] output of" in site.recorder.log_text()
+
+
+def test_a_migration_reports_its_own_progress(site: Site) -> None:
+    # Given a migration writing a JSON progress line to DROPGATE_PROGRESS_FD
+    folder = site.stage("1.1.0", migrations=["migrate.py"])
+    report = json.dumps({"progress": 0.42, "message": "reindexing"}) + "\n"
+    code = f"import os\nos.write(int(os.environ['DROPGATE_PROGRESS_FD']), {report.encode()!r})\n"
+    (folder / "migrate.py").write_text(f"#!{sys.executable}\n{code}")
+
+    # When apply runs it
+    apply.run(site.context("apply"))
+
+    # Then its ratio reached the step's progress
+    assert 0.42 in site.recorder.progress_reports
 
 
 def test_a_failing_migration_stops_apply_before_the_switch(site: Site) -> None:
