@@ -356,4 +356,9 @@ def run_demo(folder: Path, *, once: bool, status_port: int, console: Console) ->
 def cmd_demo(args: argparse.Namespace) -> int:
     """`dropgate demo [--dir DIR] [--once] [--port N]`."""
     folder = Path(args.dir or "demo-site").absolute()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the demo like Ctrl-C: everything it started is stopped
+
+    signal.signal(signal.SIGTERM, interrupted)
     return run_demo(folder, once=args.once, status_port=args.port, console=Console())

@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -165,19 +166,31 @@ def adopt_release(root: Path, source: Path, version: str, *, copy: bool) -> Path
     return target
 
 
-def _adopted_version(source: Path, explicit: str | None) -> str:
+def _adopted_version(source: Path, explicit: str | None) -> str | None:
     if explicit:
         return explicit
     try:
         return (source / "VERSION").read_text(encoding="utf-8").strip()
     except OSError:
-        raise DropgateError(f"say which version {source} is: --version V (no readable {source / 'VERSION'})") from None
+        return None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     """`dropgate init [--adopt DIR] [--version V] [--copy]`: the folders, and optionally the first release."""
     config = load_config(config_path(args.config))
     root = config.platform.root
+    source = Path(args.adopt) if args.adopt else None
+    version = None
+    if source is not None:
+        version = _adopted_version(source, args.adopt_version)
+        if version is None:
+            print(f"dropgate: say which version {source} is: --version V (it has no VERSION file)", file=sys.stderr)
+            return 2
+        try:
+            Version.parse(version)
+        except ValueError as error:
+            print(f"dropgate: cannot adopt {source}: {error}", file=sys.stderr)
+            return 2
     folders = [
         config.paths.inbox,
         config.paths.state,
@@ -189,13 +202,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         print(f"folder  {folder}")
-    if args.adopt:
-        source = Path(args.adopt)
-        version = _adopted_version(source, args.adopt_version)
-        try:
-            Version.parse(version)
-        except ValueError as error:
-            raise DropgateError(f"cannot adopt {source}: {error}") from None
+    if source is not None and version is not None:
         target = adopt_release(root, source, version, copy=args.copy)
         how = "copied" if args.copy else "moved"
         print(f"adopted {source} ({how}) as release {version}: {target}")

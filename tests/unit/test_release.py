@@ -191,3 +191,31 @@ def test_init_from_the_command_line(tmp_path: Path) -> None:
     )
     assert again.returncode == 1
     assert "already has a current release (3.18.2)" in again.stderr
+
+
+def test_init_asks_for_the_version_when_the_installation_does_not_say(tmp_path: Path) -> None:
+    source = installation(tmp_path)
+    (source / "VERSION").unlink()
+    config = tmp_path / "dropgate.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {"inbox": "inbox", "state": "state", "backups": "backups"},
+                "platform": {"product": "gts", "root": "platform"},
+                "maintenance": {"flag_file": "run/maintenance"},
+            }
+        )
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(config), "init", "--adopt", str(source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert f"say which version {source} is: --version V" in result.stderr
+    assert not (tmp_path / "inbox").exists()  # refused before any folder was made
+    assert installed_version(tmp_path / "platform") is None
+    assert (source / "bin" / "server").is_file()
