@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,10 @@ from pipeline.config import Config, parse_config
 from pipeline.context import StepContext
 from pipeline.errors import CommandFailed, StepFailed, StepTimeout
 from pipeline.release import current_release, installed_version, release_dir, switch_current
-from pipeline.runlog import RunLog
 from pipeline.sample_platform import front_command, service_commands, write_release
 from states import apply, maintenance, verify
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.archive_helpers import RecordingReporter
+from tests.conftest import free_port, wait_for
 
 
 def get(url: str) -> httpx.Response | None:
@@ -47,33 +31,22 @@ def get(url: str) -> httpx.Response | None:
         return None
 
 
-@dataclass
-class Recorder:
-    """Where the steps' reports go: a real run log, and lists the test can read."""
+class Recorder(RecordingReporter):
+    """What the steps reported, with the run's journal columns as they stand."""
 
-    log_path: Path
-    events: list[str] = field(default_factory=list)
-    progress_reports: list[float] = field(default_factory=list)
-    run: dict[str, Any] = field(default_factory=dict)
+    @property
+    def run(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for update in self.updates:
+            merged.update(update)
+        return merged
 
-    def __post_init__(self) -> None:
-        self.runlog = RunLog(self.log_path)
-
-    def event(self, run_id: int, step: str, message: str) -> None:
-        self.events.append(message)
-        self.runlog.write(f"[{step}] {message}")
-
-    def log(self, run_id: int, line: str) -> None:
-        self.runlog.write(line)
-
-    def progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
-        self.progress_reports.append(ratio)
-
-    def update_run(self, run_id: int, **fields: Any) -> None:
-        self.run.update(fields)
+    @property
+    def progress_reports(self) -> list[float]:
+        return self.ratios
 
     def log_text(self) -> str:
-        return self.log_path.read_text()
+        return "\n".join(self.logs)
 
 
 @dataclass
@@ -154,13 +127,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
     write_release(release_dir(root, "1.0.0"), "1.0.0")
     switch_current(root, release_dir(root, "1.0.0"))
     flag = tmp_path / "run" / "maintenance"
-    recorder = Recorder(tmp_path / "state" / "runs" / "7.log")
+    recorder = Recorder()
     site = Site(tmp_path, root, flag, free_port(), free_port(), recorder, facts={})
     services = service_commands(root, site.app_port)
     subprocess.run(services["start"][0], check=True, capture_output=True)
     front = subprocess.Popen(front_command(site.front_port, site.app_port, flag), stdout=subprocess.DEVNULL)
     try:
-        wait_for(lambda: get(site.front) is not None, "the front to answer")
+        wait_for(lambda: get(site.front) is not None, what="the front to answer")
         yield site
     finally:
         front.terminate()
@@ -324,7 +297,7 @@ def test_a_hung_post_apply_hook_is_killed_with_its_children(site: Site) -> None:
 
     hook_processes = [Path(f"/proc/{pid}") for pid in pids.read_text().split()]
     assert len(hook_processes) == 2
-    wait_for(lambda: not any(p.exists() for p in hook_processes), "the hook and its child to be gone")
+    wait_for(lambda: not any(p.exists() for p in hook_processes), what="the hook and its child to be gone")
     assert "[post-apply post.sh] hanging" in site.recorder.log_text()
 
 
