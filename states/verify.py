@@ -21,7 +21,7 @@ from pipeline.config import Config, HttpCheck
 from pipeline.context import StepContext
 from pipeline.errors import CommandFailed, StepFailed, StepTimeout
 from pipeline.process import CancelToken, run_command
-from pipeline.release import current_release, prune_releases
+from pipeline.release import prune_releases
 from states import maintenance
 
 
@@ -101,6 +101,19 @@ def check_platform(
     return failures
 
 
+def _one_pass(ctx: StepContext) -> list[str]:
+    """check_platform inside the step: its log, environment, time limit and cancellation."""
+    return check_platform(
+        ctx.config,
+        expected_version=ctx.facts.get("to_version"),
+        log=ctx.log,
+        env=ctx.environment(),
+        deadline=ctx.deadline,
+        cancel=ctx.cancel,
+        now=ctx.now,
+    )
+
+
 def _until_healthy(ctx: StepContext, phase: str, low: float, high: float) -> int:
     """Repeat the checks every interval until they pass; the number of attempts. Progress stays in [low, high)."""
     config = ctx.config
@@ -111,15 +124,7 @@ def _until_healthy(ctx: StepContext, phase: str, low: float, high: float) -> int
     try:
         while True:
             attempt += 1
-            failures = check_platform(
-                config,
-                expected_version=ctx.facts.get("to_version"),
-                log=ctx.log,
-                env=ctx.environment(),
-                deadline=ctx.deadline,
-                cancel=ctx.cancel,
-                now=ctx.now,
-            )
+            failures = _one_pass(ctx)
             if not failures:
                 return attempt
             if attempt == 1:
@@ -146,15 +151,7 @@ def _soak(ctx: StepContext, low: float, high: float) -> None:
     ctx.event(f"soak: the checks must keep passing for {seconds:g}s")
     while (left := end - ctx.now()) > 0:
         ctx.wait(min(config.verify.interval_seconds, left))
-        failures = check_platform(
-            config,
-            expected_version=ctx.facts.get("to_version"),
-            log=ctx.log,
-            env=ctx.environment(),
-            deadline=ctx.deadline,
-            cancel=ctx.cancel,
-            now=ctx.now,
-        )
+        failures = _one_pass(ctx)
         if failures:
             raise StepFailed(f"verify: {failures[0]} during the soak, {ctx.now() - started:.0f}s in")
         ctx.progress(low + (high - low) * min(1.0, (ctx.now() - started) / seconds), "soak")
@@ -164,9 +161,8 @@ def _soak(ctx: StepContext, low: float, high: float) -> None:
 def _prune(ctx: StepContext) -> None:
     root = ctx.config.platform.root
     previous = ctx.facts.get("previous_release")
-    protect = [current_release(root), Path(previous) if previous else None]
-    try:
-        removed = prune_releases(root, ctx.config.platform.keep_releases, protect)
+    try:  # the live release is always kept; the previous one too, for a rollback
+        removed = prune_releases(root, ctx.config.platform.keep_releases, [Path(previous)] if previous else [])
     except OSError as error:
         ctx.event(f"could not prune old releases in {root / 'releases'}: {error}")
         return
@@ -180,7 +176,7 @@ def run(ctx: StepContext) -> None:
     if count == 0:
         ctx.event("no checks configured (verify.http, verify.commands): nothing proves the new release")
     ctx.progress(0.0, "checking the new release")
-    attempts = _until_healthy(ctx, "checks", 0.0, 0.5)
+    attempts = _until_healthy(ctx, "the new release", 0.0, 0.5)
     ctx.event(f"healthy: {count} check{'s' if count != 1 else ''} passed (attempt {attempts})")
     ctx.progress(0.5, "checks passed")
     if ctx.facts.get("maintenance_since") is not None:
