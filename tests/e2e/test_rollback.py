@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -245,3 +246,31 @@ def test_an_interrupted_update_is_not_rolled_back_by_a_restart_only_by_the_opera
     assert tree_digest(site.data) == data_before
     assert database.read_bytes() == database_before
     assert os.readlink(site.platform / "current") == "releases/1.0.0"
+
+
+def test_successive_updates_share_unchanged_files_and_pruning_keeps_the_last_success(site: Site) -> None:
+    # Given keep: 1, and three patches, the data changing a little before each
+    populate(site)
+    site.write_config(backup={"keep": 1})
+    site.start_daemon()
+    for run_id, version in enumerate(("1.0.1", "1.0.2", "1.0.3"), start=1):
+        (site.data / "records.txt").write_text(f"patient records, day {run_id}\n")
+        site.drop(site.pack(version))
+        run = site.wait_outcome(run_id, timeout=120)
+        assert run["outcome"] == "succeeded", run["error"]
+        if run_id == 2:
+            # Then the second snapshot shares every unchanged file with the first, never with the live data
+            first, second = site.backups / "1" / "data" / "data", site.backups / "2" / "data" / "data"
+            scan = Path("uploads") / "large.bin"
+            assert (first / scan).stat().st_ino == (second / scan).stat().st_ino
+            assert (site.data / scan).stat().st_ino != (second / scan).stat().st_ino
+            assert (first / "records.txt").stat().st_ino != (second / "records.txt").stat().st_ino
+            assert sorted(os.listdir(site.backups)) == ["1", "2"]  # 1 is the last success's: kept
+
+    # And after the third, beyond keep: 1, only the last success's (2) and the newest (3) remain
+    assert sorted(os.listdir(site.backups)) == ["2", "3"]
+    listing = site.cli("backups", "--json")
+    assert listing.returncode == 0, listing.stderr
+    snapshots = json.loads(listing.stdout)
+    assert [(s["run"], s["verified"], s["shared_files"]) for s in snapshots] == [(3, True, 42), (2, True, 42)]
+    assert site.metric("dropgate_backup_bytes") == snapshots[0]["bytes"]
