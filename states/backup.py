@@ -28,6 +28,8 @@ from pipeline.snapshot import (
     verify_snapshot,
 )
 
+DATA_SHARE = 0.9  # of the step's progress bar, when dumps follow the data copy
+
 
 def run(ctx: StepContext) -> None:
     """Take this run's snapshot (verified), prune old ones, record where it is in the facts."""
@@ -35,10 +37,17 @@ def run(ctx: StepContext) -> None:
     backups = config.paths.backups
     dest = snapshot_dir(backups, ctx.run_id)
     previous = latest_snapshot(backups, before=ctx.run_id)
-    dumps = [(dump.name, _dump_writer(ctx, dump)) for dump in config.backup.dumps]
+    # The data copy comes first, then the dumps: the bar must not read 100 % while a dump still runs.
+    data_share = DATA_SHARE if config.backup.dumps else 1.0
+    count = len(config.backup.dumps)
+    dumps = [
+        (dump.name, _dump_writer(ctx, dump, data_share + (1.0 - data_share) * index / count, f"{index + 1} of {count}"))
+        for index, dump in enumerate(config.backup.dumps)
+    ]
 
     def progress(done: int, expected: int) -> None:
-        ctx.progress(done / expected, f"{format_bytes(done)} of {format_bytes(expected)}")
+        ratio = done / expected if expected else 1.0
+        ctx.progress(ratio * data_share, f"{format_bytes(done)} of {format_bytes(expected)}")
 
     try:
         info = take_snapshot(
@@ -76,6 +85,7 @@ def run(ctx: StepContext) -> None:
     finished = [path.name for path in removed if path.name.isdigit()]
     if finished:
         ctx.event(f"pruned the snapshots of run{'s' if len(finished) > 1 else ''} {', '.join(finished)}")
+    ctx.progress(1.0, "snapshot and dumps verified")
     ctx.save_facts(
         backup_dir=str(dest),
         backup_bytes=info.bytes,
@@ -84,8 +94,9 @@ def run(ctx: StepContext) -> None:
     )
 
 
-def _dump_writer(ctx: StepContext, dump: Dump) -> DumpWriter:
+def _dump_writer(ctx: StepContext, dump: Dump, ratio: float, which: str) -> DumpWriter:
     def write(target: Path) -> None:
+        ctx.progress(ratio, f"dump {dump.name} ({which}) running")
         ctx.run_command(dump.command, what=f"dump {dump.name}", stdout_path=target, progress=False)
 
     return write

@@ -149,6 +149,8 @@ def test_backup_takes_a_verified_snapshot_with_a_dump_and_records_the_facts(tmp_
     assert recorder.events[0].startswith("snapshot of 2 paths: 32 files, ")
     assert recorder.events[0].endswith(", verified")
     assert recorder.ratios == sorted(recorder.ratios) and recorder.ratios[-1] == 1.0
+    # the bar never reads 100 % while the dump is still to run
+    assert 1.0 not in recorder.ratios[: recorder.ratios.index(0.9) + 1]
 
 
 def test_a_second_backup_shares_unchanged_files_and_prunes_beyond_keep(tmp_path: Path) -> None:
