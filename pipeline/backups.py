@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import config_path, load_config
+from pipeline.errors import SnapshotError
 from pipeline.snapshot import (
-    SnapshotError,
     SnapshotInfo,
     format_bytes,
     list_snapshots,

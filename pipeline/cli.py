@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -129,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_OK
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `dropgate history | head`: the reader has had enough; no traceback for that.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def entry() -> None:

@@ -35,8 +35,8 @@ from typing import Any, TextIO
 import yaml
 
 from pipeline.archive import pack
-from pipeline.errors import DropgateError
-from pipeline.journal import Journal, JournalError, Run
+from pipeline.errors import DropgateError, JournalError
+from pipeline.journal import Journal, Run
 from pipeline.release import release_dir, switch_current
 from pipeline.report import JOURNAL_NAME, daemon_pid
 from pipeline.sample_platform import front_command, release_files, service_commands, start, stop, write_release

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DropgateError(Exception):
     """Root of dropgate's own errors."""
@@ -15,6 +17,27 @@ class ConfigError(DropgateError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(where + "; ".join(problems))
+
+
+class JournalError(DropgateError):
+    """The journal cannot be opened or read."""
+
+
+class KeyFileError(DropgateError):
+    """A key file cannot be read or is not a dropgate key of the expected kind."""
+
+
+class SnapshotError(DropgateError):
+    """A snapshot could not be taken, verified or restored (the message says what and where)."""
+
+
+class NoSpace(SnapshotError):
+    """The backups filesystem lacks space; `path` is where it ran out, `missing` how many bytes."""
+
+    def __init__(self, message: str, *, path: Path, missing: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.missing = missing
 
 
 class DaemonUnreachable(DropgateError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DropgateError
+from pipeline.errors import JournalError
 
 OUTCOMES = ("succeeded", "rejected", "failed", "rolled_back", "interrupted")
 BLOCKING_OUTCOMES = ("failed", "rolled_back", "interrupted")
@@ -89,10 +89,6 @@ _UPDATABLE = {
     "resolved_note",
     "facts",
 }
-
-
-class JournalError(DropgateError):
-    """The journal cannot be opened or read."""
 
 
 @dataclass

@@ -53,8 +53,7 @@ from typing import Any
 
 from pipeline.archive import authenticate, load_trusted_keys, parse_archive_name, stage_payload
 from pipeline.config import Config, config_path, load_config
-from pipeline.errors import ConfigError, DropgateError
-from pipeline.journal import JournalError
+from pipeline.errors import ConfigError, DropgateError, JournalError
 from pipeline.probes import Probe
 from pipeline.release import current_release, installed_version, plan_downtime
 from pipeline.report import daemon_pid, open_journal

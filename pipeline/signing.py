@@ -26,17 +26,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from pipeline.errors import ConfigError, DropgateError
+from pipeline.errors import ConfigError, KeyFileError
 
 PUBLIC_TAG = "dropgate-ed25519-public"
 PRIVATE_TAG = "dropgate-ed25519-private"
 SIGNATURE_CONTEXT = b"dropgate manifest v1\n"
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_KEY_FILE = 4096
-
-
-class KeyFileError(DropgateError):
-    """A key file cannot be read or is not a dropgate key of the expected kind."""
 
 
 @dataclass(frozen=True)

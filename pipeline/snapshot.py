@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DropgateError
+from pipeline.errors import NoSpace, SnapshotError
 
 FORMAT = "dropgate-snapshot/1"
 SUMMARY = "snapshot.json"
@@ -88,19 +88,6 @@ def _no_checkpoint() -> None:
 
 def _no_progress(done: int, expected: int) -> None:
     return None
-
-
-class SnapshotError(DropgateError):
-    """A snapshot could not be taken, verified or restored (the message says what and where)."""
-
-
-class NoSpace(SnapshotError):
-    """The backups filesystem lacks space; `path` is where it ran out, `missing` how many bytes."""
-
-    def __init__(self, message: str, *, path: Path, missing: int) -> None:
-        super().__init__(message)
-        self.path = path
-        self.missing = missing
 
 
 # -- sizes and names -------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.archive import Manifest, pack, parse_archive_name, verify_archive
-from pipeline.errors import ArchiveRejected, ConfigError, StepFailed
-from pipeline.signing import KeyFileError, generate_keypair, load_trusted_keys
+from pipeline.errors import ArchiveRejected, ConfigError, KeyFileError, StepFailed
+from pipeline.signing import generate_keypair, load_trusted_keys
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE = 0, 1, 2
 

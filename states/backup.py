@@ -13,12 +13,10 @@ from pathlib import Path
 
 from pipeline.config import Dump
 from pipeline.context import StepContext
-from pipeline.errors import CommandFailed, RollbackFailed, StepFailed, StepTimeout
+from pipeline.errors import CommandFailed, NoSpace, RollbackFailed, SnapshotError, StepFailed, StepTimeout
 from pipeline.snapshot import (
     DUMPS,
     DumpWriter,
-    NoSpace,
-    SnapshotError,
     format_bytes,
     latest_snapshot,
     prune_snapshots,

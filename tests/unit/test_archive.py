@@ -28,8 +28,8 @@ from pipeline.archive import (
     verify_archive,
 )
 from pipeline.config import Limits
-from pipeline.errors import ArchiveRejected, ConfigError, StepAborted, StepFailed
-from pipeline.signing import KeyFileError, generate_keypair, load_signing_key, load_trusted_keys
+from pipeline.errors import ArchiveRejected, ConfigError, KeyFileError, StepAborted, StepFailed
+from pipeline.signing import generate_keypair, load_signing_key, load_trusted_keys
 from tests.archive_helpers import ArchiveSite, Member, forge, manifest_fields, payload_member, signer, tree
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import snapshot
-from pipeline.errors import StepAborted
+from pipeline.errors import NoSpace, SnapshotError, StepAborted
 from pipeline.snapshot import (
-    NoSpace,
-    SnapshotError,
     Space,
     estimate_snapshot,
     latest_snapshot,
