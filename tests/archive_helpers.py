@@ -16,7 +16,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +26,9 @@ from pipeline.archive import pack
 from pipeline.config import Config, parse_config
 from pipeline.context import StepContext
 from pipeline.signing import SIGNATURE_CONTEXT, SigningKey, generate_keypair, load_signing_key
+from tests.support import RecordingReporter
 
 INSTALLED = "3.19.273"
-
-
-@dataclass
-class RecordingReporter:
-    """What a step reported, as the runner would have recorded it."""
-
-    events: list[str] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
-
-    def event(self, run_id: int, step: str, message: str) -> None:
-        self.events.append(message)
-
-    def log(self, run_id: int, line: str) -> None:
-        self.logs.append(line)
-
-    def progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
-        self.ratios.append(ratio)
-
-    def update_run(self, run_id: int, **fields: Any) -> None:
-        self.updates.append(fields)
 
 
 def tree(root: Path) -> dict[str, tuple[str, int]]:

@@ -10,34 +10,13 @@ type, mode, owner, mtime and content.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
-import stat
 from pathlib import Path
 
 from tests.conftest import Site, wait_for
-
-
-def tree_digest(root: Path) -> str:
-    """One hash over every entry under `root` (itself included): path, type, mode, owner, mtime, content."""
-    digest = hashlib.sha256()
-    info = root.lstat()
-    digest.update(f".|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns}|".encode())
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted([*dirs, *files]):
-            path = Path(folder, name)
-            info = path.lstat()
-            rel = path.relative_to(root).as_posix()
-            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
-            digest.update(f"{info.st_uid}:{info.st_gid}|{info.st_mtime_ns}|".encode())
-            if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-            elif stat.S_ISREG(info.st_mode):
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+from tests.support import tree_digest
 
 
 def populate(site: Site) -> Path:

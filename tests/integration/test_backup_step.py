@@ -7,11 +7,9 @@ with an injected write failure is covered in tests/unit/test_snapshot.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 import time
@@ -25,46 +23,12 @@ from pipeline.config import parse_config
 from pipeline.context import StepContext
 from pipeline.errors import RollbackFailed, StepFailed, StepTimeout
 from states import backup
+from tests.support import RecordingReporter, tree_digest
 
 
-class Recorder:
-    """A Reporter that keeps what the step reported."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self.lines: list[str] = []
-        self.ratios: list[float] = []
-        self.facts: dict[str, Any] = {}
-
-    def event(self, run_id: int, step: str, message: str) -> None:
-        self.events.append(message)
-
-    def log(self, run_id: int, line: str) -> None:
-        self.lines.append(line)
-
-    def progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
-        self.ratios.append(ratio)
-
-    def update_run(self, run_id: int, **fields: Any) -> None:
-        self.facts.update(fields.get("facts", {}))
-
-
-def tree_digest(root: Path) -> str:
-    """One hash over every entry under `root`: path, type, mode, owner, file mtime, content or link target."""
-    digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted([*dirs, *files]):
-            path = Path(folder, name)
-            info = path.lstat()
-            rel = path.relative_to(root).as_posix()
-            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
-            digest.update(f"{info.st_uid}:{info.st_gid}|".encode())
-            if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-            elif stat.S_ISREG(info.st_mode):
-                digest.update(f"{info.st_mtime_ns}|".encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+def tree_digest_live(root: Path) -> str:
+    """A data tree's fingerprint without folder times (the test's own writes move those)."""
+    return tree_digest(root, dir_times=False)
 
 
 def make_platform(root: Path, *, big: int = 0) -> list[Path]:
@@ -84,14 +48,14 @@ def make_platform(root: Path, *, big: int = 0) -> list[Path]:
 
 def step_context(
     tmp_path: Path, data: list[Path], *, run_id: int = 1, backups: Path | None = None, **sections: Any
-) -> tuple[StepContext, Recorder]:
+) -> tuple[StepContext, RecordingReporter]:
     raw: dict[str, Any] = {
         "paths": {"inbox": "inbox", "state": "state", "backups": str(backups or tmp_path / "backups")},
         "platform": {"product": "gts", "root": "platform", "data": [str(path) for path in data]},
         **sections,
     }
     config = parse_config(raw, base=tmp_path)
-    recorder = Recorder()
+    recorder = RecordingReporter()
     ctx = StepContext(
         run_id=run_id,
         step="backup",
@@ -141,11 +105,11 @@ def test_backup_takes_a_verified_snapshot_with_a_dump_and_records_the_facts(tmp_
     assert ctx.facts["backup_dir"] == str(dest)
     assert ctx.facts["backup_files"] == 32
     assert recorder.facts["backup_dir"] == str(dest)  # saved through the reporter, survives a crash
-    assert tree_digest(dest / "data" / "uploads") == tree_digest(data[0])
-    assert tree_digest(dest / "data" / "db") == tree_digest(data[1])
+    assert tree_digest_live(dest / "data" / "uploads") == tree_digest_live(data[0])
+    assert tree_digest_live(dest / "data" / "db") == tree_digest_live(data[1])
     dumped = (dest / "dumps" / "db.sql").read_text()
     assert dumped.startswith("INSERT 0;\n") and dumped.endswith("INSERT 19999;\n")
-    assert any(line.startswith("[dump db.sql] $ ") for line in recorder.lines)
+    assert any(line.startswith("[dump db.sql] $ ") for line in recorder.logs)
     assert recorder.events[0].startswith("snapshot of 2 paths: 32 files, ")
     assert recorder.events[0].endswith(", verified")
     assert recorder.ratios == sorted(recorder.ratios) and recorder.ratios[-1] == 1.0
@@ -177,7 +141,7 @@ def test_not_enough_space_fails_before_writing_naming_the_path_and_missing_bytes
 ) -> None:
     """Real tmpfs of 4 MiB; the data holds 8 MiB."""
     data = make_platform(tmp_path / "platform", big=8 * 2**20)
-    before = [tree_digest(path) for path in data]
+    before = [tree_digest_live(path) for path in data]
     ctx, _ = step_context(tmp_path, data, backups=small_fs / "backups")
 
     with pytest.raises(StepFailed) as caught:
@@ -190,14 +154,14 @@ def test_not_enough_space_fails_before_writing_naming_the_path_and_missing_bytes
     assert int(found.group(1).replace(",", "")) > 4 * 2**20
     assert "\n" not in message
     assert os.listdir(small_fs / "backups") == []
-    assert [tree_digest(path) for path in data] == before
+    assert [tree_digest_live(path) for path in data] == before
     assert "backup_dir" not in ctx.facts
 
 
 def test_a_disk_filled_by_someone_else_during_the_copy_fails_cleanly(tmp_path: Path, small_fs: Path) -> None:
     """Real tmpfs: after the estimate passed, another writer takes the free space; the copy hits ENOSPC."""
     data = make_platform(tmp_path / "platform", big=2 * 2**20)
-    before = [tree_digest(path) for path in data]
+    before = [tree_digest_live(path) for path in data]
     ctx, _ = step_context(tmp_path, data, backups=small_fs / "backups")
 
     class FillingContext(StepContext):
@@ -224,7 +188,7 @@ def test_a_disk_filled_by_someone_else_during_the_copy_fails_cleanly(tmp_path: P
     )
     assert "more bytes were needed" in message and "the platform was not changed" in message
     assert os.listdir(small_fs / "backups") == []
-    assert [tree_digest(path) for path in data] == before
+    assert [tree_digest_live(path) for path in data] == before
 
 
 def test_a_dump_filling_the_disk_fails_cleanly_naming_the_dump(tmp_path: Path, small_fs: Path) -> None:
@@ -266,7 +230,7 @@ def test_restore_puts_data_and_dumps_back_exactly(tmp_path: Path) -> None:
         }
     ]
     ctx, _ = step_context(tmp_path, data, backup={"dumps": dumps})
-    expected = [tree_digest(path) for path in data]
+    expected = [tree_digest_live(path) for path in data]
     backup.run(ctx)
     # When the update changes the data (files rewritten, added, removed, modes)
     (data[0] / "index.json").write_text("migrated")
@@ -280,7 +244,7 @@ def test_restore_puts_data_and_dumps_back_exactly(tmp_path: Path) -> None:
     backup.restore(rollback)
 
     # Then every data path is byte-identical to before the backup, and the dump went to its restore command
-    assert [tree_digest(path) for path in data] == expected
+    assert [tree_digest_live(path) for path in data] == expected
     assert restored_db.read_text() == "CREATE TABLE t;\n"
     assert any(event.startswith("data restored in ") for event in recorder.events)
     assert recorder.events[-1] == f"dump db.sql restored from {tmp_path / 'backups' / '1' / 'dumps' / 'db.sql'}"
@@ -291,10 +255,10 @@ def test_restore_from_a_tampered_snapshot_fails_loudly_and_touches_nothing(tmp_p
     ctx, _ = step_context(tmp_path, data)
     backup.run(ctx)
     (data[0] / "index.json").write_text("migrated")
-    changed = [tree_digest(path) for path in data]
+    changed = [tree_digest_live(path) for path in data]
     tampered = tmp_path / "backups" / "1" / "data" / "db" / "base.dat"
     tampered.write_bytes(b"\0" * tampered.stat().st_size)
-    snapshot_before = tree_digest(tmp_path / "backups" / "1")
+    snapshot_before = tree_digest_live(tmp_path / "backups" / "1")
 
     with pytest.raises(RollbackFailed) as caught:
         backup.restore(ctx)
@@ -303,8 +267,8 @@ def test_restore_from_a_tampered_snapshot_fails_loudly_and_touches_nothing(tmp_p
         f"the backup {tmp_path / 'backups' / '1'} failed verification, no data was restored"
     )
     assert str(tampered) in str(caught.value)
-    assert [tree_digest(path) for path in data] == changed
-    assert tree_digest(tmp_path / "backups" / "1") == snapshot_before
+    assert [tree_digest_live(path) for path in data] == changed
+    assert tree_digest_live(tmp_path / "backups" / "1") == snapshot_before
 
 
 def test_restore_fails_loudly_when_a_dump_restore_fails(tmp_path: Path) -> None:

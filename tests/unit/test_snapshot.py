@@ -25,28 +25,7 @@ from pipeline.snapshot import (
     take_snapshot,
     verify_snapshot,
 )
-
-
-def tree_digest(root: Path, *, dir_times: bool = True) -> str:
-    """One hash over every entry under `root`: path, type, mode, owner, mtime, content or link target."""
-    digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted([*dirs, *files]):
-            path = Path(folder, name)
-            info = path.lstat()
-            rel = path.relative_to(root).as_posix()
-            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
-            digest.update(f"{info.st_uid}:{info.st_gid}|".encode())
-            if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-            elif stat.S_ISREG(info.st_mode):
-                digest.update(f"{info.st_mtime_ns}|".encode() + hashlib.sha256(path.read_bytes()).digest())
-            elif dir_times:
-                digest.update(f"{info.st_mtime_ns}".encode())
-    info = root.lstat()
-    digest.update(f"root|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns if dir_times else 0}".encode())
-    return digest.hexdigest()
+from tests.support import tree_digest
 
 
 def make_tree(root: Path) -> None:

@@ -14,7 +14,7 @@ from pipeline.context import StepContext
 from pipeline.errors import StepAborted
 from states import approval, window
 from states.window import Window, open_window
-from tests.archive_helpers import RecordingReporter
+from tests.support import RecordingReporter
 
 
 def context(tmp_path: Path, *, now: float, facts: dict[str, Any] | None = None, **config: Any) -> StepContext:

@@ -1,0 +1,66 @@
+"""Helpers shared by the step tests: a recording Reporter and a whole-tree fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RecordingReporter:
+    """What a step reported, as the runner would have recorded it (the runner's side, not a mock of the step)."""
+
+    events: list[str] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+
+    def event(self, run_id: int, step: str, message: str) -> None:
+        self.events.append(message)
+
+    def log(self, run_id: int, line: str) -> None:
+        self.logs.append(line)
+
+    def progress(self, run_id: int, step: str, ratio: float, message: str | None) -> None:
+        self.ratios.append(ratio)
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        self.updates.append(fields)
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The facts as the journal holds them after the last save."""
+        merged: dict[str, Any] = {}
+        for update in self.updates:
+            merged.update(update.get("facts", {}))
+        return merged
+
+
+def tree_digest(root: Path, *, dir_times: bool = True) -> str:
+    """One hash over `root` and every entry under it: path, type, mode, owner, mtime, content or link target.
+
+    Two trees with the same digest are byte-identical, modes and times included
+    (folder times only with `dir_times`: creating a file inside changes them).
+    """
+    digest = hashlib.sha256()
+    info = root.lstat()
+    digest.update(f".|{stat.S_IMODE(info.st_mode):o}|{info.st_mtime_ns if dir_times else 0}|".encode())
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted([*dirs, *files]):
+            path = Path(folder, name)
+            info = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
+            digest.update(f"{info.st_uid}:{info.st_gid}|".encode())
+            if stat.S_ISLNK(info.st_mode):
+                digest.update(os.readlink(path).encode())
+            elif stat.S_ISREG(info.st_mode):
+                digest.update(f"{info.st_mtime_ns}|".encode() + hashlib.sha256(path.read_bytes()).digest())
+            elif dir_times:
+                digest.update(f"{info.st_mtime_ns}".encode())
+    return digest.hexdigest()
