@@ -110,6 +110,8 @@ class SamplePlatform:
         return self.site.pack(version, files=payload, **manifest)
 
     def close(self) -> None:
+        for daemon in self.site.daemons:  # first, so that no run starts the application again
+            daemon.stop()
         self.front.terminate()
         self.front.wait(timeout=10)
         subprocess.run(self.services["stop"][0], check=True, capture_output=True)
