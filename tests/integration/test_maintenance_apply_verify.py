@@ -20,8 +20,8 @@ from pipeline.errors import CommandFailed, StepFailed, StepTimeout
 from pipeline.release import current_release, installed_version, release_dir, switch_current
 from pipeline.sample_platform import front_command, service_commands, write_release
 from states import apply, maintenance, verify
-from tests.archive_helpers import RecordingReporter
 from tests.conftest import free_port, wait_for
+from tests.support import RecordingReporter
 
 
 def get(url: str) -> httpx.Response | None:
