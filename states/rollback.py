@@ -2,7 +2,10 @@
 
 Maintenance on (the data must not change under the restore), the previous
 release back in `current`, the data and dumps restored from the run's own
-snapshot, maintenance off. Each part runs only if the run got that far.
+snapshot, maintenance off. Each part runs only if the run got that far: the
+data is restored only once `apply` had begun (its hooks and migrations are
+what change data). A run that failed while entering maintenance changed no
+data, and restoring the backup then would only lose what users wrote since.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from states import apply, backup, maintenance
 
 
 def run(ctx: StepContext) -> None:
-    changed_release = bool(ctx.facts.get("previous_release"))
-    restore_data = bool(ctx.facts.get("backup_dir"))
+    apply_began = bool(ctx.facts.get("previous_release"))  # saved by apply before its first change
     try:
+        if not apply_began:
+            ctx.event("apply had not begun: the release and the data are unchanged, nothing to restore")
+            maintenance.leave(ctx)  # only if this run had entered it
+            return
         maintenance.enter(ctx)
-        if changed_release:
-            apply.revert(ctx)
-            ctx.event(f"release {ctx.facts['previous_release']} is live again")
-        if restore_data:
+        apply.revert(ctx)
+        ctx.event(f"release {ctx.facts['previous_release']} is live again")
+        if ctx.facts.get("backup_dir"):
             backup.restore(ctx)
             ctx.event(f"data restored from {ctx.facts['backup_dir']}")
         maintenance.leave(ctx)

@@ -253,3 +253,31 @@ def test_successive_updates_share_unchanged_files_and_pruning_keeps_the_last_suc
     snapshots = json.loads(listing.stdout)
     assert [(s["run"], s["verified"], s["shared_files"]) for s in snapshots] == [(3, True, 42), (2, True, 42)]
     assert site.metric("dropgate_backup_bytes") == snapshots[0]["bytes"]
+
+
+def test_a_failure_entering_maintenance_restores_no_data_and_keeps_writes_made_since_the_backup(site: Site) -> None:
+    # Given a minor update (downtime) whose stop command fails after users wrote to the data
+    # (the platform stays in service during the backup, so writes after it are real)
+    records = site.data / "records.txt"
+    site.write_config(
+        platform={
+            "services": {
+                "stop": [{"shell": f'echo "written after the backup" >> "{records}"; exit 1'}],
+                "start": [["true"]],
+            }
+        }
+    )
+    daemon = site.start_daemon()
+    site.drop(site.pack("1.1.0"))
+    # When the maintenance step fails and the rollback path runs
+    run = site.wait_outcome(1, timeout=120)
+    # Then nothing is restored over the live data: apply never began
+    assert run["outcome"] == "rolled_back", run["error"]
+    assert "stop 1/1 failed with exit code 1" in run["error"]
+    events = [e["message"] for e in site.show(1)["events"]]
+    assert any("apply had not begun" in m for m in events)
+    assert records.read_text().endswith("written after the backup\n")
+    assert os.readlink(site.platform / "current") == "releases/1.0.0"
+    assert not (site.root / "run" / "maintenance").exists()
+    assert (site.backups / "1" / "snapshot.json").exists()  # the backup is kept
+    daemon.stop()
