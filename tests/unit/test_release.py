@@ -153,9 +153,8 @@ def test_adopt_refuses_the_folder_holding_the_root(tmp_path: Path) -> None:
     assert (source / "VERSION").is_file()
 
 
-def test_init_from_the_command_line(tmp_path: Path) -> None:
-    # Given a configuration and an existing installation with a VERSION file
-    source = installation(tmp_path)
+def init_config(tmp_path: Path) -> Path:
+    """A site configuration for `dropgate init`, with every folder under `tmp_path`."""
     config = tmp_path / "dropgate.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -166,6 +165,13 @@ def test_init_from_the_command_line(tmp_path: Path) -> None:
             }
         )
     )
+    return config
+
+
+def test_init_from_the_command_line(tmp_path: Path) -> None:
+    # Given a configuration and an existing installation with a VERSION file
+    source = installation(tmp_path)
+    config = init_config(tmp_path)
 
     # When the operator runs `dropgate init --adopt DIR --copy`
     result = subprocess.run(
@@ -196,16 +202,7 @@ def test_init_from_the_command_line(tmp_path: Path) -> None:
 def test_init_asks_for_the_version_when_the_installation_does_not_say(tmp_path: Path) -> None:
     source = installation(tmp_path)
     (source / "VERSION").unlink()
-    config = tmp_path / "dropgate.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "paths": {"inbox": "inbox", "state": "state", "backups": "backups"},
-                "platform": {"product": "gts", "root": "platform"},
-                "maintenance": {"flag_file": "run/maintenance"},
-            }
-        )
-    )
+    config = init_config(tmp_path)
 
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "--config", str(config), "init", "--adopt", str(source)],
