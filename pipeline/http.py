@@ -43,6 +43,7 @@ class StatusServer(threading.Thread):
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "dropgate"
+            timeout = 10  # seconds a client may take to send its request
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http: " + format, *args)
@@ -84,7 +85,9 @@ class StatusServer(threading.Thread):
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(config.metrics.tls.cert, config.metrics.tls.key)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            # The handshake happens in the request's own thread (on its first read), so a client that
+            # connects and says nothing cannot stall the listener for everyone else.
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
 
     @property
     def address(self) -> tuple[str, int]:

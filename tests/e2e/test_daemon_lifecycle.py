@@ -184,3 +184,27 @@ def test_metrics_can_be_served_over_tls_only(site: Site, tmp_path: Path) -> None
         raise AssertionError("plain HTTP was answered on a TLS listener")
     # and the listener still serves after that failed handshake
     assert scrape() is not None
+
+
+def test_a_silent_client_does_not_stall_the_tls_listener(site: Site, tmp_path: Path) -> None:
+    import ssl
+    import urllib.request
+
+    cert, key = self_signed(tmp_path)
+    site.write_config(metrics={"tls": {"cert": str(cert), "key": str(key)}})
+    site.start_daemon(wait=False)
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{site.port}/status.json"
+
+    def scrape() -> bytes | None:
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                return bytes(response.read())
+        except OSError:
+            return None
+
+    wait_for(scrape, what="the TLS listener")
+    # Given a client that connects and never starts its handshake
+    with socket.create_connection(("127.0.0.1", site.port)):
+        # Then others are still served meanwhile
+        assert scrape() is not None
