@@ -30,6 +30,7 @@ log = logging.getLogger("dropgate")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
+REQUEST_SECONDS = 10.0
 
 Handler = Callable[[dict[str, Any], str], str]
 
@@ -140,13 +141,15 @@ class ControlServer(threading.Thread):
                 )
                 return
             try:
+                conn.settimeout(REQUEST_SECONDS)  # a silent client must not hold a thread forever
                 request = self._read(conn)
+                conn.settimeout(None)  # the answer may wait for a whole rollback
                 message = self.handler(request, who)
             except ControlRefused as refused:
                 self._answer(conn, False, str(refused))
                 return
-            except (ValueError, KeyError) as error:
-                self._answer(conn, False, f"bad request: {error}")
+            except (ValueError, KeyError, TimeoutError) as error:
+                self._answer(conn, False, f"bad request: {error or 'nothing received in time'}")
                 return
             except Exception as error:
                 log.exception("control: %s failed", who)
