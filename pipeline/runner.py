@@ -490,6 +490,8 @@ class Runner(threading.Thread):
             fields["path"] = str(self._set_aside(run, error or "rejected"))
             self._discard_staged_release(run.id, model.facts)
         self.journal.update_run(run.id, **fields)
+        if outcome == "succeeded":
+            self._prune_archives()
         summary = f"outcome: {outcome}" + (f" — {error}" if error else "")
         if outcome in ("failed", "rolled_back", "interrupted"):
             summary += f"; the gate is blocked until `dropgate resolve {run.id} --note ...`"
@@ -510,6 +512,19 @@ class Runner(threading.Thread):
         shutil.rmtree(staged_path, ignore_errors=True)
         facts.pop("release_dir", None)
         self.event(run_id, "rejected", f"removed the staged release {staged_path.name} (never made live)")
+
+    def _prune_archives(self) -> None:
+        """Keep the archives of as many succeeded runs as releases are kept; older ones go.
+
+        Only archives that were installed successfully are ever removed: rejected
+        and failed ones stay (they are evidence, and `retry` needs them).
+        """
+        succeeded = [run for run in self.journal.runs(limit=1000) if run.outcome == "succeeded"]
+        for old in succeeded[self.config.platform.keep_releases :]:
+            folder = self.state_dir / "spool" / str(old.id)
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                self.event(old.id, "succeeded", f"archive removed from {folder} (its release is no longer kept)")
 
     def _set_aside(self, run: Run, reason: str) -> Path:
         """Move a rejected archive to `<state>/rejected/` with a `.reason` file beside it."""

@@ -139,3 +139,17 @@ def test_a_step_past_its_time_limit_fails_and_its_commands_are_killed(site: Site
     # nothing on the platform was touched
     assert site.status()["installed_version"] == "1.0.0"
     assert run["platform_changed"] is False
+
+
+def test_archives_of_old_successes_are_pruned_like_their_releases(site: Site) -> None:
+    # Given keep_releases: 1 and two successful updates
+    site.write_config(platform={"keep_releases": 1})
+    site.start_daemon()
+    site.drop(site.pack("1.0.1"))
+    assert site.wait_outcome(1, timeout=120)["outcome"] == "succeeded"
+    site.drop(site.pack("1.0.2"))
+    assert site.wait_outcome(2, timeout=120)["outcome"] == "succeeded"
+    # Then only the latest success keeps its archive; the event says why the other went
+    assert not (site.state / "spool" / "1").exists()
+    assert (site.state / "spool" / "2" / "gts.1.0.2.tgz").is_file()
+    assert any("its release is no longer kept" in e["message"] for e in site.show(1)["events"])
