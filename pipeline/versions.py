@@ -24,8 +24,7 @@ class Version:
         release = tuple(int(part) for part in match.group("release").split("."))
         tag_text = match.group("tag") or ""
         tag = tuple(
-            (0, int(part)) if part.isdigit() else (1, part.lower())
-            for part in re.findall(r"\d+|[A-Za-z]+", tag_text)
+            (0, int(part)) if part.isdigit() else (1, part.lower()) for part in re.findall(r"\d+|[A-Za-z]+", tag_text)
         )
         return cls(text, release, tag)
 
@@ -50,3 +49,27 @@ class Version:
 
     def __str__(self) -> str:
         return self.text
+
+
+def upgrade_problem(installed: str | None, target: str, minimum: str | None, *, root: object = None) -> str | None:
+    """Why `target` cannot be installed over `installed` (SPEC 3), naming both versions; None when it can.
+
+    One rule for `validate` (which rejects) and `prereq`/`preflight` (which report it).
+    """
+    if installed is None:
+        where = f" under {root}" if root is not None else ""
+        return (
+            f"no release is installed{where} (no `current` link): "
+            "run `dropgate init` to adopt the installed platform first"
+        )
+    new, old = Version.parse(target), Version.parse(installed)
+    if new == old:
+        return f"version {target} is already installed (installed: {installed})"
+    if new < old:
+        return f"downgrade refused: the archive's version {target} is older than the installed {installed}"
+    if minimum is not None and old < Version.parse(minimum):
+        return (
+            f"version {target} needs at least {minimum} installed, found {installed}: "
+            "install the intermediate updates first"
+        )
+    return None

@@ -22,7 +22,7 @@ from pipeline.errors import PrereqFailed
 from pipeline.probes import DiskUsage, Probe, SystemProbe
 from pipeline.release import installed_version
 from pipeline.snapshot import estimate_snapshot, latest_snapshot
-from pipeline.versions import Version
+from pipeline.versions import upgrade_problem
 from states.verify import check_platform
 
 Level = Literal["ok", "notice", "critical"]
@@ -332,21 +332,12 @@ def check_version(config: Config, manifest: Mapping[str, Any] | None) -> Check:
         return Check("version", "ok", f"{installed} installed")
     target = str(manifest.get("version") or "")
     minimum = manifest.get("min_version")
-    if installed is None:
-        message = f"no release is installed ({current} does not exist): adopt it first with `dropgate init`"
-        return Check("version", "critical", message)
     try:
-        have, new = Version.parse(installed), Version.parse(target)
-        needed = Version.parse(str(minimum)) if minimum else None
+        problem = upgrade_problem(installed, target, str(minimum) if minimum else None, root=config.platform.root)
     except ValueError as error:
         return Check("version", "critical", str(error))
-    if new == have:
-        return Check("version", "critical", f"{installed} installed, the archive holds {target}: already installed")
-    if new < have:
-        return Check("version", "critical", f"{installed} installed, the archive holds {target}: a downgrade")
-    if needed is not None and have < needed:
-        message = f"{installed} installed, the archive needs at least {minimum}: install the updates between first"
-        return Check("version", "critical", message)
+    if problem is not None:
+        return Check("version", "critical", problem)
     floor = f"needs at least {minimum}" if minimum else "names no minimum"
     return Check("version", "ok", f"{installed} installed, the archive {floor}")
 

@@ -25,7 +25,7 @@ from pipeline.release import (
     releases_dir,
     staging_dir,
 )
-from pipeline.versions import Version
+from pipeline.versions import Version, upgrade_problem
 
 
 def _megabytes(size: int) -> str:
@@ -57,23 +57,9 @@ def check_policy(manifest: Manifest, ctx: StepContext, name_product: str, name_v
             f"{manifest.version} is an {manifest.channel} release"
         )
     installed = installed_version(config.platform.root)
-    if installed is None:
-        raise ArchiveRejected(
-            f"no release is installed under {config.platform.root} (no `current` link): "
-            "run `dropgate init` to adopt the installed platform first"
-        )
-    new, old = Version.parse(manifest.version), Version.parse(installed)
-    if new == old:
-        raise ArchiveRejected(f"version {manifest.version} is already installed (installed: {installed})")
-    if new < old:
-        raise ArchiveRejected(
-            f"downgrade refused: the archive's version {manifest.version} is older than the installed {installed}"
-        )
-    if manifest.min_version is not None and old < Version.parse(manifest.min_version):
-        raise ArchiveRejected(
-            f"version {manifest.version} needs at least {manifest.min_version} installed, "
-            f"found {installed}: install the intermediate updates first"
-        )
+    problem = upgrade_problem(installed, manifest.version, manifest.min_version, root=config.platform.root)
+    if problem is not None or installed is None:
+        raise ArchiveRejected(problem or "no installed version")
     return installed
 
 

@@ -295,23 +295,29 @@ def test_archive_free_bytes_requirement_counts_on_the_platform_filesystem(tmp_pa
             "3.17.9",
             manifest(min_version="3.18.0"),
             "critical",
-            "3.17.9 installed, the archive needs at least 3.18.0: install the updates between first",
+            "version 3.19.274 needs at least 3.18.0 installed, found 3.17.9: install the intermediate updates first",
         ),
         (
             "3.9.1",
             manifest(min_version="3.10"),
             "critical",
-            "3.9.1 installed, the archive needs at least 3.10: install the updates between first",
+            "version 3.19.274 needs at least 3.10 installed, found 3.9.1: install the intermediate updates first",
         ),
-        ("3.19.274", manifest(), "critical", "3.19.274 installed, the archive holds 3.19.274: already installed"),
+        ("3.19.274", manifest(), "critical", "version 3.19.274 is already installed (installed: 3.19.274)"),
         (
             None,
             manifest(min_version="3.18.0"),
             "critical",
-            "no release is installed ({current} does not exist): adopt it first with `dropgate init`",
+            "no release is installed under {root} (no `current` link): "
+            "run `dropgate init` to adopt the installed platform first",
         ),
         ("3.19.273", None, "ok", "3.19.273 installed"),
-        ("3.20.0", manifest(), "critical", "3.20.0 installed, the archive holds 3.19.274: a downgrade"),
+        (
+            "3.20.0",
+            manifest(),
+            "critical",
+            "downgrade refused: the archive's version 3.19.274 is older than the installed 3.20.0",
+        ),
     ],
 )
 def test_installed_version_against_the_archive(
@@ -319,7 +325,7 @@ def test_installed_version_against_the_archive(
 ) -> None:
     config = make_site(tmp_path, installed=installed)
     check = by_name(run_checks(config, Machine(), man), "version")
-    assert (check.level, check.message) == (level, text.format(current=config.platform.root / "current"))
+    assert (check.level, check.message) == (level, text.format(root=config.platform.root))
 
 
 def test_platform_health(tmp_path: Path) -> None:
