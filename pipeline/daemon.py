@@ -185,6 +185,9 @@ class Daemon:
                 if config.metrics.textfile is not None:
                     write_textfile(registry, config.metrics.textfile)
                 journal.close()
+        if self.runner.crashed is not None:
+            log.critical("dropgate stopped on an error: %s", self.runner.crashed)
+            return 1
         log.info("dropgate stopped")
         return 0
 

@@ -174,6 +174,7 @@ class Runner(threading.Thread):
         self._logs: dict[int, RunLog] = {}
         self._progress_written: dict[int, float] = {}
         self._gate = ""
+        self.crashed: Exception | None = None
 
     # -- the Reporter protocol (what steps report through their context) --
     def _run_log(self, run_id: int) -> RunLog:
@@ -326,6 +327,11 @@ class Runner(threading.Thread):
                     continue
                 self._wake.wait(1.0)
                 self._wake.clear()
+        except Exception as error:
+            # The journal itself failed (a full disk, a broken database): stop rather than go on
+            # blind. The daemon exits non-zero; the next start settles the run as `interrupted`.
+            self.crashed = error
+            log.critical("the runner stopped on an error it cannot record: %r", error, exc_info=True)
         finally:
             self._serve_requests(refuse="the daemon is stopping")
             with self._lock:
