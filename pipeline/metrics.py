@@ -2,6 +2,10 @@
 
 `Metrics` is an observer of the runner and the inbox; the daemon's main loop
 sets the heartbeat. Names are a contract: monitoring and alert rules use them.
+prometheus_client adds the suffixes of some types, so three are exported under
+longer names than they are declared with: the counter `dropgate_runs` as
+`dropgate_runs_total`, the infos `dropgate_platform_version` and `dropgate_build`
+as `dropgate_platform_version_info` and `dropgate_build_info`.
 """
 
 from __future__ import annotations

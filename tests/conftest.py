@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -29,14 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
 
 
+def cannot_run(reason: str) -> NoReturn:
+    """Skip a test this machine cannot run; under CI fail instead, since CI must run everything."""
+    if IN_CI:
+        pytest.fail(f"{reason}, and CI must run every test (.ci/run installs what the tests need)")
+    pytest.skip(reason)
+
+
 def require_tool(name: str) -> str:
     """The path of a system tool; skip when missing locally, fail when CI is set (CI runs everything)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed"
-        if IN_CI:
-            pytest.fail(f"{message}, and CI must run every test (.ci/run installs it)")
-        pytest.skip(message)
+        cannot_run(f"{name} is not installed")
     return path
 
 

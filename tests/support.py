@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,3 +67,27 @@ def tree_digest(root: Path, *, dir_times: bool = True) -> str:
             elif dir_times:
                 digest.update(f"{info.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at `mount` for full-disk tests (root only), unmounted afterwards."""
+    from tests.conftest import cannot_run
+
+    mount.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        cannot_run(f"cannot mount a tmpfs for a full-disk test: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_filesystem(path: Path) -> Path:
+    """Write the file `path` until its filesystem has no space left (another writer taking it all)."""
+    with open(path, "wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    return path

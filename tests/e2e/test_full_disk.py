@@ -7,46 +7,27 @@ real 8 MiB tmpfs mounted for the test (root only; skipped elsewhere, failed unde
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, Site, wait_for
+from tests.conftest import Site, wait_for
+from tests.support import fill_filesystem, small_tmpfs
 
 
 @pytest.fixture
 def small_state(site: Site, tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"cannot mount a tmpfs for the full-disk test: {result.stderr.decode().strip()}")
-        pytest.skip("mounting a tmpfs is not permitted here")
-    try:
+    """The site's state folder and inbox on an 8 MiB tmpfs."""
+    with small_tmpfs(tmp_path / "small", "8m") as mount:
         site.write_config(paths={"inbox": str(mount / "inbox"), "state": str(mount / "state")})
         site.inbox = mount / "inbox"
         site.state = mount / "state"
-        yield mount
-    finally:
-        for daemon in site.daemons:
-            daemon.kill()
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(mount: Path) -> Path:
-    """Write a file until the filesystem has no space left."""
-    filler = mount / "filler"
-    with open(filler, "wb") as handle:
         try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError:
-            pass
-    return filler
+            yield mount
+        finally:
+            for daemon in site.daemons:
+                daemon.kill()
 
 
 def test_a_full_state_disk_stops_the_daemon_with_an_error_and_the_run_resumes_after(
@@ -58,7 +39,7 @@ def test_a_full_state_disk_stops_the_daemon_with_an_error_and_the_run_resumes_af
     site.drop(site.pack("1.0.1"))
     site.wait_step(1, "approval")
     # When the filesystem fills up and the run must record something
-    filler = fill(small_state)
+    filler = fill_filesystem(small_state / "filler")
     result = site.cli("approve", "1")
     # Then the daemon does not go on blind: it stops with exit 1 and says why
     assert result.returncode != 0

@@ -23,7 +23,7 @@ from pipeline.config import parse_config
 from pipeline.context import StepContext
 from pipeline.errors import RollbackFailed, StepFailed, StepTimeout
 from states import backup
-from tests.support import RecordingReporter, tree_digest
+from tests.support import RecordingReporter, fill_filesystem, small_tmpfs, tree_digest
 
 
 def tree_digest_live(root: Path) -> str:
@@ -76,19 +76,8 @@ def python_command(code: str) -> list[str]:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs at tmp_path/small, unmounted afterwards (root only)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if result.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs for the full-disk test: {result.stderr.decode().strip()}")
-        pytest.skip("mounting a tmpfs is not permitted here (the injected-failure variant is in the unit tests)")
-    try:
+    with small_tmpfs(tmp_path / "small", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_backup_takes_a_verified_snapshot_with_a_dump_and_records_the_facts(tmp_path: Path) -> None:
@@ -168,13 +157,7 @@ def test_a_disk_filled_by_someone_else_during_the_copy_fails_cleanly(tmp_path: P
         def checkpoint(self) -> None:
             filler = small_fs / "other-writer"
             if not filler.exists():
-                with open(filler, "wb") as handle:
-                    try:
-                        while True:
-                            handle.write(b"\0" * 65536)
-                            handle.flush()
-                    except OSError:
-                        pass
+                fill_filesystem(filler)
             super().checkpoint()
 
     filling = FillingContext(**{name: getattr(ctx, name) for name in ctx.__dataclass_fields__})

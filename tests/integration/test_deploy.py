@@ -40,7 +40,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from pipeline.metrics import Metrics
-from tests.conftest import ROOT, Site, free_port, require_tool, wait_for
+from tests.conftest import ROOT, Site, cannot_run, free_port, require_tool, wait_for
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "dropgate.rules.yml"
@@ -576,7 +576,7 @@ fi
 def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_nothing(tmp_path: Path) -> None:
     unshare = require_tool("unshare")
     if os.geteuid() != 0:
-        pytest.skip("installing for real (in a mount namespace) needs root")
+        cannot_run("installing for real (in a mount namespace) needs root")
     # Given a mount namespace where /etc, /opt, /usr, /var and /run are overlays on a tmpfs
     script = tmp_path / "in-namespace.sh"
     script.write_text(IN_NAMESPACE)
@@ -590,7 +590,7 @@ def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_n
         capture_output=True, text=True, timeout=600,
     )
     if result.returncode == 97 or "unshare failed" in result.stderr:
-        pytest.skip(f"this machine does not allow mount namespaces with overlays: {result.stderr.strip()}")
+        cannot_run(f"this machine does not allow mount namespaces with overlays: {result.stderr.strip()}")
     first = (out / "first.txt").read_text()
     assert result.returncode == 0, result.stderr + first + (out / "second.txt").read_text()
     # Then the first run installed everything, with the owners and modes of the tmpfiles entries

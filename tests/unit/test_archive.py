@@ -31,18 +31,9 @@ from pipeline.config import Limits
 from pipeline.errors import ArchiveRejected, ConfigError, KeyFileError, StepAborted, StepFailed
 from pipeline.signing import generate_keypair, load_signing_key, load_trusted_keys
 from tests.archive_helpers import ArchiveSite, Member, forge, manifest_fields, payload_member, signer, tree
+from tests.conftest import cannot_run, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-IN_CI = bool(os.environ.get("CI"))
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is not installed, and CI must run every test")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def dropgate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -264,9 +255,7 @@ def test_pack_refuses_a_device_file(site: ArchiveSite, tmp_path: Path) -> None:
     try:
         os.mknod(source / "release" / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     except PermissionError:
-        if IN_CI:
-            pytest.fail("CI runs as root and must be able to mknod")
-        pytest.skip("mknod needs root")
+        cannot_run("mknod needs root")
 
     with pytest.raises(ArchiveRejected, match="'release/null' is a character device"):
         pack(source, site.private_key, tmp_path)
