@@ -21,7 +21,6 @@ from pipeline.errors import JournalError
 
 OUTCOMES = ("succeeded", "rejected", "failed", "rolled_back", "interrupted")
 BLOCKING_OUTCOMES = ("failed", "rolled_back", "interrupted")
-WAITING_STEPS = ("queued",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -230,10 +229,6 @@ class Journal:
             db.execute("UPDATE runs SET path = ? WHERE id = ?", (str(spool / str(run_id) / archive), run_id))
         return run_id
 
-    def next_run_id(self) -> int:
-        rows = self._query("SELECT COALESCE(MAX(id), 0) + 1 FROM runs")
-        return int(rows[0][0])
-
     def update_run(self, run_id: int, **fields: Any) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
@@ -321,10 +316,6 @@ class Journal:
             "SELECT step, started, finished, result FROM step_timings WHERE run_id = ? ORDER BY started", (run_id,)
         )
         return [dict(row) for row in rows]
-
-    def outcome_counts(self) -> dict[str, int]:
-        rows = self._query("SELECT outcome, COUNT(*) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome")
-        return {row[0]: int(row[1]) for row in rows}
 
     def last_outcome_times(self) -> dict[str, float]:
         rows = self._query("SELECT outcome, MAX(finished) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome")

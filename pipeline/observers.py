@@ -45,9 +45,6 @@ class Observers(Observer):
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self._observers = list(observers)
 
-    def add(self, observer: Observer) -> None:
-        self._observers.append(observer)
-
     def _each(self, hook: str, *args: Any) -> None:
         for observer in self._observers:
             try:

@@ -30,7 +30,7 @@ from transitions import Machine
 
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
-from pipeline.errors import ControlRefused, RollbackFailed, StepAborted, StepFailed
+from pipeline.errors import ControlRefused, StepAborted, StepFailed
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
@@ -612,6 +612,4 @@ class Runner(threading.Thread):
 def _result_of(error: StepFailed) -> str:
     if isinstance(error, StepAborted):
         return "stopped" if error.resumable else "interrupted"
-    if isinstance(error, RollbackFailed):
-        return "failed"
     return "failed"
