@@ -1198,6 +1198,26 @@ def _write_payload(entries: Sequence[_Entry], out: IO[bytes], level: int) -> dic
     return files
 
 
+def write_build_dir(source: Path, manifest: Mapping[str, Any], files: Mapping[str, str | bytes]) -> Path:
+    """Lay out the folder `pack` reads: `manifest.yaml` and the release tree under `release/`.
+
+    Whatever was in `source` before is removed; hooks and migrations are made executable.
+    """
+    shutil.rmtree(source, ignore_errors=True)
+    for name, content in files.items():
+        path = source / "release" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        if name.startswith(("migrations/", "hooks/")):
+            path.chmod(0o755)
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "manifest.yaml").write_text(yaml.safe_dump(dict(manifest), sort_keys=False), encoding="utf-8")
+    return source
+
+
 def pack(src: Path, private_key_path: Path, out: Path, *, compresslevel: int = 6) -> Path:
     """Build and sign `<product>.<version>.tgz` from `src/manifest.yaml` and its payload folder.
 

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from pipeline.archive import pack
+from pipeline.archive import pack, write_build_dir
 from pipeline.errors import DropgateError, JournalError
 from pipeline.journal import Journal, Run
 from pipeline.release import release_dir, switch_current
@@ -90,16 +90,8 @@ for batch in range(1, 5):
 
 
 def _build_archive(site: Path, key: Path, version: str, manifest: dict[str, Any], files: dict[str, str]) -> Path:
-    source = site / "vendor" / version
-    for name, content in files.items():
-        path = source / "release" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-        if name.startswith(("migrations/", "hooks/")):
-            path.chmod(0o755)
     body = {"product": "gts", "version": version, "channel": "stable", "min_version": "1.0.0", **manifest}
-    (source / "manifest.yaml").write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
-    return pack(source, key, site / "archives")
+    return pack(write_build_dir(site / "vendor" / version, body, files), key, site / "archives")
 
 
 def sandbox_config(platform: Path, app_port: int, status_port: int) -> dict[str, Any]:

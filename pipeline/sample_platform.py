@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -245,8 +245,8 @@ def start(root: Path, port: int) -> int:
     argv = [sys.executable, str(script), "--root", str(root), "--port", str(port), "--pidfile", str(_pidfile(root))]
     with open(run / "app.log", "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def started() -> int | None:
         if proc.poll() is not None:
             print(f"sample platform exited with {proc.returncode} at start: {_log_tail(root)}", file=sys.stderr)
             return 1
@@ -254,9 +254,24 @@ def start(root: Path, port: int) -> int:
         if answer is not None and "x-platform-version" in answer[1]:
             print(f"sample platform {answer[1]['x-platform-version']} started on port {port} (pid {proc.pid})")
             return 0
+        return None
+
+    code = _poll(started, START_TIMEOUT)
+    if code is None:
+        print(f"sample platform did not answer on port {port} within {START_TIMEOUT:g}s", file=sys.stderr)
+        return 1
+    return code
+
+
+def _poll(check: Callable[[], int | None], seconds: float) -> int | None:
+    """Call `check` every 50 ms until it returns an exit code, or None once `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        code = check()
+        if code is not None:
+            return code
         time.sleep(0.05)
-    print(f"sample platform did not answer on port {port} within {START_TIMEOUT:g}s", file=sys.stderr)
-    return 1
+    return None
 
 
 def stop(root: Path, port: int) -> int:
@@ -267,12 +282,9 @@ def stop(root: Path, port: int) -> int:
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                print(f"sample platform stopped (pid {pid})")
-                return 0
-            time.sleep(0.05)
+        if _poll(lambda: None if _alive(pid) else 0, wait) == 0:
+            print(f"sample platform stopped (pid {pid})")
+            return 0
     print(f"sample platform (pid {pid}) did not stop", file=sys.stderr)
     return 1
 
@@ -284,8 +296,8 @@ def restart(root: Path, port: int) -> int:
     before = _probe(port)
     generation = before[1].get("x-platform-generation") if before else None
     os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
+
+    def reloaded() -> int | None:
         if not _alive(pid):  # not _running_pid: its command line is briefly empty during exec
             print(f"sample platform died while reloading: {_log_tail(root)}", file=sys.stderr)
             return 1
@@ -293,9 +305,13 @@ def restart(root: Path, port: int) -> int:
         if answer is not None and answer[1].get("x-platform-generation") not in (None, generation):
             print(f"sample platform reloaded: {answer[1].get('x-platform-version')} (pid {pid})")
             return 0
-        time.sleep(0.05)
-    print(f"sample platform did not come back within {START_TIMEOUT:g}s: {_log_tail(root)}", file=sys.stderr)
-    return 1
+        return None
+
+    code = _poll(reloaded, START_TIMEOUT)
+    if code is None:
+        print(f"sample platform did not come back within {START_TIMEOUT:g}s: {_log_tail(root)}", file=sys.stderr)
+        return 1
+    return code
 
 
 def status(root: Path, port: int) -> int:

@@ -25,6 +25,8 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.archive import write_build_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
 
@@ -33,7 +35,7 @@ def cannot_run(reason: str) -> NoReturn:
     """Skip a test this machine cannot run; under CI fail instead, since CI must run everything."""
     if IN_CI:
         pytest.fail(f"{reason}, and CI must run every test (.ci/run installs what the tests need)")
-    pytest.skip(reason)
+    pytest.skip(reason)  # only outside CI: under CI the line above has failed the test
 
 
 def require_tool(name: str) -> str:
@@ -214,22 +216,9 @@ class Site:
     def pack(self, version: str, files: dict[str, str | bytes] | None = None, **manifest: Any) -> Path:
         """A signed archive `gts.<version>.tgz` built with the real `dropgate pack`."""
         private, _ = self.keypair()
-        source = self.root / "build" / version
-        if source.exists():
-            shutil.rmtree(source)
-        source.mkdir(parents=True)
         body = {"product": "gts", "version": version, "channel": "stable", "min_version": "1.0.0", **manifest}
-        (source / "manifest.yaml").write_text(yaml.safe_dump(body))
         payload = {"VERSION": f"{version}\n", "app.txt": f"the platform, release {version}\n", **(files or {})}
-        for name, content in payload.items():
-            path = source / "release" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
-            if name.startswith("hooks/") or name.startswith("migrations/"):
-                path.chmod(0o755)
+        source = write_build_dir(self.root / "build" / version, body, payload)
         out = self.root / "build" / f"gts.{version}.tgz"
         result = self.cli("pack", str(source), "--key", str(private), "-o", str(out))
         assert result.returncode == 0, result.stderr
