@@ -101,9 +101,11 @@ class Uploads:
 
 def check_name(raw: str) -> str:
     """The file name the browser sent, if it can be an archive name in the inbox; else UploadRefused."""
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1]  # old browsers send a whole Windows path
-    if not name:
+    if not raw:
         raise UploadRefused("no file was chosen")
+    if "/" in raw or raw in (".", ".."):
+        raise UploadRefused(f"{raw!r} cannot be an archive name (expected <product>.<version>.tgz)")
+    name = raw.rsplit("\\", 1)[-1]  # old browsers send a whole Windows path; browsers send the name only
     if name.startswith(".") or len(name.encode()) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UploadRefused(f"{name!r} cannot be an archive name (expected <product>.<version>.tgz)")
     try:
