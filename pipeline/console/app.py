@@ -367,7 +367,6 @@ def build_app(console: Console) -> Starlette:
     return app
 
 
-
 def _announced_length(request: Request, max_bytes: int) -> int:
     length = request.headers.get("content-length", "")
     if not length.isdigit():

@@ -85,8 +85,6 @@ class Sessions:
 
     def _expire(self, now: float) -> None:
         for key in [
-            k
-            for k, s in self._sessions.items()
-            if now - s.last_seen > self.idle or now - s.created > self.absolute
+            k for k, s in self._sessions.items() if now - s.last_seen > self.idle or now - s.created > self.absolute
         ]:
             del self._sessions[key]

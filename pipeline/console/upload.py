@@ -78,9 +78,7 @@ class Uploads:
     def begin(self, *, account: str, address: str, expected: int, first_run: int) -> Upload:
         with self._lock:
             if sum(1 for u in self._uploads.values() if u.state == "receiving") >= self.limit:
-                raise UploadRefused(
-                    f"{self.limit} uploads are already in progress; wait for one to finish", status=503
-                )
+                raise UploadRefused(f"{self.limit} uploads are already in progress; wait for one to finish", status=503)
             upload = Upload(next(self._ids), "", account, address, expected, time.time(), first_run=first_run)
             self._uploads[upload.id] = upload
             while len(self._uploads) > KEPT + self.limit:

@@ -20,7 +20,6 @@ import pytest
 from tests.conftest import Site, wait_for
 from tests.console_helpers import (
     Accounts,
-    accounts,  # noqa: F401 (a fixture)
     client,
     console_config,
     signin_error,
@@ -171,9 +170,7 @@ def test_cookies_are_httponly_and_samesite_strict_and_pages_carry_a_csp_without_
         assert http.get("/static/../app.py").status_code == 404
 
 
-def test_a_member_removed_from_the_admin_group_is_signed_out_at_the_next_click(
-    site: Site, accounts: Accounts
-) -> None:
+def test_a_member_removed_from_the_admin_group_is_signed_out_at_the_next_click(site: Site, accounts: Accounts) -> None:
     port = start(site, accounts)
     with client(port) as http:
         assert http.sign_in(accounts.admin, accounts.admin_password).status_code == 303
@@ -222,9 +219,7 @@ def test_approval_needs_both_boxes_and_the_server_refuses_a_forged_form_without_
     assert "refused: consent boxes not ticked" in site.daemons[0].output()
 
 
-def test_a_post_without_the_sessions_csrf_token_is_refused_and_changes_nothing(
-    site: Site, accounts: Accounts
-) -> None:
+def test_a_post_without_the_sessions_csrf_token_is_refused_and_changes_nothing(site: Site, accounts: Accounts) -> None:
     site.write_config(policy={"require_approval": True})
     port = start(site, accounts)
     site.drop(site.pack("1.0.1"))
@@ -266,10 +261,14 @@ def test_a_post_without_the_sessions_csrf_token_is_refused_and_changes_nothing(
 
 def _multipart(token: str, name: str, content: bytes, boundary: str = "dropgate-test-boundary") -> bytes:
     return (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n{token}\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"{name}\"\r\n"
-        "Content-Type: application/gzip\r\n\r\n"
-    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="archive"; filename="{name}"\r\n'
+            "Content-Type: application/gzip\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
 
 def _raw_request(port: int, cookie: str, body_length: int) -> bytes:
@@ -315,7 +314,7 @@ def test_an_upload_cut_off_leaves_nothing_in_the_inbox(site: Site, accounts: Acc
             # When the browser sends part of it, the console has started writing, and the connection drops
             conn.sendall(_raw_request(port, cookie, len(body)) + body[:send])
             if cut != "in the form's first part":
-                wait_for(lambda: (site.inbox / "gts.1.0.1.tgz.part").exists(), what="the .part to be written")
+                wait_for((site.inbox / "gts.1.0.1.tgz.part").exists, what="the .part to be written")
                 assert http.get("/").text.count("(browser)") == 1  # the overview shows the upload in progress
         # Then nothing is left in the inbox: no .part, no archive
         wait_for(lambda: inbox_names(site) == [], timeout=30, what="the cut upload to be removed")
@@ -494,7 +493,8 @@ def test_with_tls_the_cookie_is_secure_and_the_console_answers_https_only(
 ) -> None:
     cert, key = _self_signed(tmp_path)
     port = start_tls(site, accounts, cert, key)
-    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(cert)), follow_redirects=False) as http:
+    trust = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust, follow_redirects=False) as http:
         page = http.get("/signin")
         token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
         answer = http.post(
@@ -514,7 +514,8 @@ def start_tls(site: Site, accounts: Accounts, cert: Path, key: Path) -> int:
 
     def answering() -> bool:
         try:
-            return httpx.get(f"https://127.0.0.1:{port}/signin", verify=ssl.create_default_context(cafile=str(cert)), timeout=5).status_code == 200
+            trust = ssl.create_default_context(cafile=str(cert))
+            return httpx.get(f"https://127.0.0.1:{port}/signin", verify=trust, timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -564,7 +565,7 @@ def test_sigterm_stops_the_daemon_during_an_upload_and_the_part_is_removed(site:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         # Given an upload that is half sent and then stalls
         conn.sendall(_raw_request(port, cookie, len(body)) + body[: len(body) // 2])
-        wait_for(lambda: (site.inbox / "gts.1.0.1.tgz.part").exists(), what="the .part to be written")
+        wait_for((site.inbox / "gts.1.0.1.tgz.part").exists, what="the .part to be written")
         # When the daemon is told to stop, Then it stops (within the fixture's deadline) and keeps nothing
         assert site.daemons[0].stop(timeout=30) == 0
     assert inbox_names(site) == []

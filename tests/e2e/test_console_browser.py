@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Site, cannot_run, require_tool, wait_for
-from tests.console_helpers import Accounts, accounts, console_config, wait_console  # noqa: F401 (a fixture)
+from tests.console_helpers import Accounts, console_config, wait_console
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -146,8 +146,10 @@ def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_
         shots.take(page, "import")
         # and the verdict shows as soon as it is known, with the run waiting for approval
         page.wait_for_url(re.compile(r".*/uploads/1$"))
-        cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
-                                                      "uploadThroughput": -1})
+        cdp.send(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
         page.wait_for_selector("#verdict:has-text('run 1 is in approval')")
         shots.take(page, "upload")
         # When the administrator opens the review

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, Site, cannot_run, free_port, wait_for
-from tests.console_helpers import Accounts, accounts, console_config, wait_console  # noqa: F401 (a fixture)
+from tests.console_helpers import Accounts, console_config, wait_console
 
 SNIPPET = ROOT / "deploy" / "nginx" / "dropgate-maintenance.conf"
 
@@ -61,10 +61,10 @@ class Nginx:
 
 
 def nginx_binary() -> str:
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    cannot_run("nginx is not installed")
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found is None:
+        cannot_run("nginx is not installed")
+    return found
 
 
 @pytest.fixture
@@ -87,7 +87,8 @@ def nginx(site: Site, accounts: Accounts, tmp_path: Path) -> Iterator[Nginx]:
     (folder / "dropgate.conf").write_text(snippet)
     platform = Platform()
     port = free_port()
-    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in kinds)
     (folder / "nginx.conf").write_text(
         # master_process off: one process, no workers, no user switch; for a test server only
         f"daemon off;\nmaster_process off;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'} warn;\n"

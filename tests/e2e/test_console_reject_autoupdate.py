@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from tests.conftest import Site, wait_for
-from tests.console_helpers import Accounts, accounts, client, console_config, wait_console  # noqa: F401 (a fixture)
+from tests.console_helpers import Accounts, client, console_config, wait_console
 
 
 def flash(page: str) -> str:
