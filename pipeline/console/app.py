@@ -9,6 +9,7 @@ resolve and auto-update, whether asked on the shell or in the browser.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -112,7 +113,7 @@ def build_app(console: Console) -> Starlette:
             return await signin_page(request, error="The sign-in form was not understood.", status=400)
         form = await request.form(max_files=0, max_fields=10)
         token, cookie = form.get("csrf"), request.cookies.get(SIGNIN_COOKIE)
-        if not isinstance(token, str) or not cookie or token != cookie:
+        if not isinstance(token, str) or not cookie or not hmac.compare_digest(token.encode(), cookie.encode()):
             return await signin_page(request, error="The sign-in form is out of date: try again.", status=403)
         account, password = str(form.get("account") or "").strip(), str(form.get("password") or "")
         address = console.address(request)

@@ -18,6 +18,7 @@ import uvicorn
 
 from pipeline.config import Config
 from pipeline.console.app import build_app
+from pipeline.console.upload import remove_stale_parts
 from pipeline.console.web import Console, Handler, StatusSource
 from pipeline.errors import ConfigError
 
@@ -73,6 +74,8 @@ class ConsoleServer(threading.Thread):
         sock.listen(128)
         sock.set_inheritable(False)
         self.sock = sock
+        for name in remove_stale_parts(self.config.paths.inbox):
+            log.warning("console: removed %s, an upload cut off when the daemon last stopped", name)
 
     @property
     def address(self) -> tuple[str, int]:

@@ -32,6 +32,7 @@ MAX_FIELD_BYTES = 4096  # a text field of the import form (the CSRF token)
 MAX_HEADER_BYTES = 8192  # the headers of one part
 FORM_OVERHEAD = 64 * 1024  # what a multipart body may carry besides the file
 KEPT = 50  # finished uploads remembered for their page
+MARK = "user.dropgate.console"  # the extended attribute that says a .part is the console's own
 
 
 @dataclass
@@ -95,6 +96,27 @@ class Uploads:
     def receiving(self) -> list[Upload]:
         with self._lock:
             return [u for u in self._uploads.values() if u.state == "receiving"]
+
+
+def remove_stale_parts(inbox: Path) -> list[str]:
+    """Remove the `.part` files the console was writing when the daemon died (marked by MARK); their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(inbox))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".part") or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            ours = os.getxattr(entry.path, MARK, follow_symlinks=False) == b"1"
+        except OSError:
+            continue
+        if ours:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def check_name(raw: str) -> str:
@@ -233,6 +255,8 @@ class Receiver:
             raise UploadRefused(f"{name} is being uploaded already ({part.name} exists)", status=409) from None
         except OSError as error:
             raise UploadRefused(f"cannot create {part}: {error.strerror}", status=500) from error
+        with contextlib.suppress(OSError):  # a filesystem without user xattrs: no clean-up after a crash
+            os.setxattr(self._fd, MARK, b"1")
         self.part, self.target = part, target
 
     def feed(self, chunk: bytes) -> list[bytes]:

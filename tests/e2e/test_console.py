@@ -569,3 +569,25 @@ def test_sigterm_stops_the_daemon_during_an_upload_and_the_part_is_removed(site:
         # When the daemon is told to stop, Then it stops (within the fixture's deadline) and keeps nothing
         assert site.daemons[0].stop(timeout=30) == 0
     assert inbox_names(site) == []
+
+
+def test_a_part_left_by_a_killed_daemon_is_removed_at_the_next_start(site: Site, accounts: Accounts) -> None:
+    port = start(site, accounts)
+    with client(port) as http:
+        assert http.sign_in(accounts.admin, accounts.admin_password).status_code == 303
+        token = http.csrf("/import")
+        cookie = http.http.cookies["dropgate_console"]
+    body = _multipart(token, "gts.1.0.1.tgz", bytes(4 * 2**20))
+    (site.inbox / "gts.1.0.2.tgz.part").write_bytes(b"someone else's upload, not the console's")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        # Given an upload half sent when the daemon is killed (nothing of it can clean up)
+        conn.sendall(_raw_request(port, cookie, len(body)) + body[: len(body) // 2])
+        part = site.inbox / "gts.1.0.1.tgz.part"
+        wait_for(lambda: part.exists() and part.stat().st_size > 0, what="the .part to be written")
+        site.daemons[0].kill()
+    assert part.exists()
+    # When the daemon starts again, Then the console's own .part is removed (and said), the other kept
+    site.start_daemon()
+    wait_console(port)
+    assert inbox_names(site) == ["gts.1.0.2.tgz.part"]
+    assert "removed gts.1.0.1.tgz.part, an upload cut off when the daemon last stopped" in site.daemons[1].output()

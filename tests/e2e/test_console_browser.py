@@ -80,8 +80,8 @@ class Shots:
         for path in self.folders:
             path.mkdir(parents=True, exist_ok=True)
 
-    def take(self, page: Any, name: str) -> None:
-        data = page.screenshot(full_page=True)
+    def take(self, page: Any, name: str, *, full_page: bool = True) -> None:
+        data = page.screenshot(full_page=full_page)
         assert data.startswith(b"\x89PNG"), name
         for folder in self.folders:
             (folder / f"{name}.png").write_bytes(data)
@@ -169,11 +169,11 @@ def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_
         page.click("button:has-text('Approve and install')")
         page.wait_for_url(base + "/runs/1")
         assert "approved; it continues" in page.inner_text("main")
-        shots.take(page, "progress")
+        shots.take(page, "progress", full_page=False)
         # Then the run page follows the run to success by itself (live refresh, no reload)
         page.wait_for_selector(".badge.succeeded", timeout=120_000)
         assert f"approved by {accounts.admin} from 127.0.0.1 (console)" in page.inner_text("table.events")
-        shots.take(page, "run")
+        shots.take(page, "run", full_page=False)
         # and the other pages answer: server check (critical and notices apart), history, backups, a confirmation
         page.click("text=Server check")
         assert page.inner_text("#critical h2") == "Critical problems"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.console.upload import Receiver, Upload, Uploads
+from pipeline.console.upload import MARK, Receiver, Upload, Uploads, remove_stale_parts
 from pipeline.errors import UploadRefused
 
 BOUNDARY = "b0undary"
@@ -162,3 +163,26 @@ def test_at_most_the_limit_of_uploads_receive_at_once() -> None:
     first.state = "complete"
     assert uploads.begin(account="c", address="x", expected=1, first_run=0).account == "c"
     assert [u.account for u in uploads.receiving()] == ["b", "c"]
+
+
+def test_after_a_crash_only_the_consoles_own_parts_are_removed(tmp_path: Path) -> None:
+    # Given a console upload cut by a crash (nothing ran abandon) and an SFTP client's .part beside it
+    rx = receiver(tmp_path)
+    rx.write(rx.feed(form(("csrf", None, TOKEN.encode()), ("archive", "gts.1.0.1.tgz", b"z" * 10_000))[:5000]))
+    if not _has_xattrs(tmp_path / "gts.1.0.1.tgz.part"):
+        pytest.skip(f"the filesystem of {tmp_path} keeps no user extended attributes")
+    (tmp_path / "gts.1.0.2.tgz.part").write_bytes(b"an sftp upload, resumable")
+    (tmp_path / "gts.1.0.3.tgz").write_bytes(b"a dropped archive")
+    # When the console starts again
+    removed = remove_stale_parts(tmp_path)
+    # Then its own .part is gone and nothing else was touched
+    assert removed == ["gts.1.0.1.tgz.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gts.1.0.2.tgz.part", "gts.1.0.3.tgz"]
+    rx.abandon()
+
+
+def _has_xattrs(path: Path) -> bool:
+    try:
+        return os.getxattr(path, MARK) == b"1"
+    except OSError:
+        return False
