@@ -28,6 +28,8 @@ log = logging.getLogger("dropgate")
 REFUSED = "Sign-in refused: the account name or the password is wrong, or this account may not update the platform."
 MAX_NAME = 256
 MAX_PASSWORD = 4096
+MAX_WAITING = 8  # sign-ins queued behind the one PAM is checking; more are turned away at once
+BUSY = "Too many sign-ins at once: try again in a moment."
 MAX_TRACKED = 10_000  # throttle entries kept (oldest forgotten first), so guessing cannot fill memory
 
 Authenticator = Callable[[str, str, str], bool]
@@ -126,10 +128,27 @@ class SignIn:
     throttle: Throttle
     authenticate: Authenticator = pam_authenticate
     member: Callable[[str, str], bool] = in_group
+    # One sign-in at a time: pam_unix reads the shadow file through non-reentrant calls, and parallel
+    # guesses must each see the failures counted before them.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiting: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(MAX_WAITING))
 
     def check(self, account: str, password: str, address: str) -> tuple[bool, str]:
         """(True, "") when `account` may use the console, else (False, what to show). Blocking (PAM)."""
         keys = [f"account {account.lower()}", f"address {address}"]
+        throttled = self._throttled(account, address, keys)  # at once, without queueing behind PAM
+        if throttled:
+            return False, throttled
+        if not self._waiting.acquire(blocking=False):
+            log.warning("console: sign-in as %r from %s not tried: too many sign-ins at once", account[:64], address)
+            return False, BUSY
+        try:
+            with self._lock:
+                return self._check(account, password, address, keys)
+        finally:
+            self._waiting.release()
+
+    def _throttled(self, account: str, address: str, keys: list[str]) -> str:
         wait = self.throttle.wait_seconds(keys)
         if wait > 0:
             log.warning(
@@ -138,7 +157,13 @@ class SignIn:
                 address,
                 wait,
             )
-            return False, f"Too many failed sign-ins from here or for this account: try again in {wait:.0f} s."
+            return f"Too many failed sign-ins from here or for this account: try again in {wait:.0f} s."
+        return ""
+
+    def _check(self, account: str, password: str, address: str, keys: list[str]) -> tuple[bool, str]:
+        throttled = self._throttled(account, address, keys)  # again: the failures counted while this one waited
+        if throttled:
+            return False, throttled
         if self.authenticate(self.service, account, password) and self.member(account, self.group):
             self.throttle.succeeded(keys[0])
             log.info("console: %s signed in from %s", account, address)

@@ -591,3 +591,24 @@ def test_a_part_left_by_a_killed_daemon_is_removed_at_the_next_start(site: Site,
     wait_console(port)
     assert inbox_names(site) == ["gts.1.0.2.tgz.part"]
     assert "removed gts.1.0.1.tgz.part, an upload cut off when the daemon last stopped" in site.daemons[1].output()
+
+
+@pytest.mark.parametrize("channels", [["stable"], ["stable", "unstable"]])
+def test_an_unstable_archive_waits_for_review_only_where_policy_channels_allows_it(
+    site: Site, accounts: Accounts, channels: list[str]
+) -> None:
+    site.write_config(policy={"require_approval": True, "channels": channels})
+    port = start(site, accounts)
+    site.drop(site.pack("1.0.1", channel="unstable"))
+    with client(port) as http:
+        assert http.sign_in(accounts.admin, accounts.admin_password).status_code == 303
+        if "unstable" in channels:
+            site.wait_step(1, "approval")
+            assert "waits for approval" in http.get("/").text
+            review = http.get("/runs/1/review").text
+            assert '<span class="badge">unstable</span>' in review and "Approve and install" in review
+        else:
+            run = site.wait_outcome(1)
+            assert run["outcome"] == "rejected" and "unstable" in run["error"]
+            assert "waits for approval" not in http.get("/").text
+            assert "Approve and install" not in http.get("/runs/1/review").text

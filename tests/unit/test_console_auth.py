@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import grp
 import os
 import pwd
+import threading
+import time
 
 import pytest
 
 from pipeline.config import ConsoleThrottle
-from pipeline.console.auth import MAX_TRACKED, REFUSED, SignIn, Throttle, in_group, pam_authenticate
+from pipeline.console.auth import (
+    BUSY,
+    MAX_TRACKED,
+    MAX_WAITING,
+    REFUSED,
+    SignIn,
+    Throttle,
+    in_group,
+    pam_authenticate,
+)
 from pipeline.console.sessions import Sessions
 
 
@@ -159,3 +171,50 @@ def test_the_csrf_token_is_compared_exactly() -> None:
     assert session.csrf_ok(session.csrf)
     for forged in (None, "", session.csrf[:-1], session.csrf + "x", session.csrf.upper()):
         assert not session.csrf_ok(forged)
+
+
+def test_parallel_guesses_each_see_the_failures_counted_before_them() -> None:
+    # Given an authenticator as slow as pam_unix's failure delay, and three free attempts
+    asked: list[str] = []
+
+    def slow_refusal(_service: str, account: str, _password: str) -> bool:
+        asked.append(account)
+        time.sleep(0.05)
+        return False
+
+    rule = SignIn(service="dropgate", group="admins", throttle=throttle(Clock()), authenticate=slow_refusal)
+    # When ten guesses for one account arrive at once
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda n: rule.check("alice", f"guess-{n}", f"192.0.2.{n}"), range(10)))
+    # Then only the free attempts reached PAM; the others were throttled (or turned away) without asking it
+    assert len(asked) == 3
+    assert [message for _, message in answers].count(REFUSED) == 3
+    assert all(message.startswith("Too many") for _, message in answers if message != REFUSED)
+    assert not any(ok for ok, _ in answers)
+
+
+def test_sign_ins_queued_behind_pam_are_bounded_and_the_rest_turned_away_at_once() -> None:
+    # Given PAM stuck on one sign-in (a slow directory server)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(_service: str, _account: str, _password: str) -> bool:
+        entered.set()
+        release.wait(30)
+        return False
+
+    rule = SignIn(
+        service="dropgate", group="admins", throttle=throttle(Clock(), free_attempts=1000), authenticate=stuck
+    )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=MAX_WAITING) as pool:
+        first = pool.submit(rule.check, "alice", "x", "192.0.2.1")
+        assert entered.wait(30)
+        queued = [pool.submit(rule.check, f"user{n}", "x", f"192.0.2.{n + 2}") for n in range(MAX_WAITING - 1)]
+        # When one more arrives while the queue is full, Then it is answered at once, not queued
+        deadline = time.monotonic() + 30
+        while rule._waiting._value > 0 and time.monotonic() < deadline:  # the queued ones have taken their places
+            time.sleep(0.01)
+        assert rule.check("mallory", "x", "198.51.100.1") == (False, BUSY)
+        release.set()
+        assert first.result(30) == (False, REFUSED)
+        assert all(f.result(30) == (False, REFUSED) for f in queued)
