@@ -98,8 +98,10 @@ def sign_in(page: Any, base: str, account: str, password: str) -> None:
 def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_browser(
     site: Site, accounts: Accounts, playwright: Any, tmp_path: Path
 ) -> None:
-    # Given a site that requires approval, its console, and an archive of 3 MiB with release notes and a migration
+    # Given a site that requires approval, its console, and an archive of 3 MiB with release notes, an SQL
+    # migration, and a reindex that reports its progress and waits for the test
     site.write_config(policy={"require_approval": True}, platform={"migration_runners": {".sql": ["cat"]}})
+    reindexed = tmp_path / "reindex-may-finish"
     port = console_config(site, accounts)
     site.start_daemon()
     wait_console(port)
@@ -109,9 +111,15 @@ def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_
         files={
             "static/bundle.bin": secrets.token_bytes(3 * 2**20),
             "migrations/0042-reports.sql": "ALTER TABLE reports ADD COLUMN month integer;\n",
+            "migrations/0043-reindex.sh": (
+                "#!/bin/sh\n"  # reports its progress as it goes, as a long reindex would
+                f"while [ ! -e {reindexed} ]; do\n"
+                '  echo \'{"progress": 0.4, "message": "reindexing reports"}\' >/dev/fd/$DROPGATE_PROGRESS_FD\n'
+                "  sleep 0.2\ndone\n"
+            ),
         },
         notes="Monthly reports by department.\nThe reports table gains a column.",
-        migrations=["migrations/0042-reports.sql"],
+        migrations=["migrations/0042-reports.sql", "migrations/0043-reindex.sh"],
     )
     shots = Shots(tmp_path / "shots")
     browser = Browser(playwright, tmp_path / "profile")
@@ -169,8 +177,14 @@ def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_
         page.click("button:has-text('Approve and install')")
         page.wait_for_url(base + "/runs/1")
         assert "approved; it continues" in page.inner_text("main")
+        # Then the run page follows the run by itself (live refresh, no reload): the step, its progress, maintenance
+        page.wait_for_selector("li.current:has-text('reindexing reports')", timeout=120_000)
+        assert page.inner_text("li.current strong") == "apply"
+        assert "40 %" in page.inner_text("li.current") and "of its 2 min limit" in page.inner_text("li.current")
+        assert "maintenance ON" in page.inner_text("dl.facts")
         shots.take(page, "progress", full_page=False)
-        # Then the run page follows the run to success by itself (live refresh, no reload)
+        # and to success once the reindex is done
+        reindexed.touch()
         page.wait_for_selector(".badge.succeeded", timeout=120_000)
         assert f"approved by {accounts.admin} from 127.0.0.1 (console)" in page.inner_text("table.events")
         shots.take(page, "run", full_page=False)
