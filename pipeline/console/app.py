@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from pipeline.console import views
+from pipeline.console.auth import REFUSED
 from pipeline.console.sessions import Session
 from pipeline.console.upload import FORM_OVERHEAD, Receiver, Upload
 from pipeline.console.web import (
@@ -41,6 +42,7 @@ log = logging.getLogger("dropgate")
 MAX_FORM_BYTES = 64 * 1024  # a form of the console without a file
 STALL_SECONDS = 120.0  # an upload that sends nothing for this long is dropped
 NOTE_MAX = 2000
+REFUSAL_SECONDS = 3.0
 STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 CONFIRM = {
     "reject": "Reject run {id}: it ends as rejected; the platform is not touched. The same archive is refused "
@@ -120,8 +122,10 @@ def build_app(console: Console) -> Starlette:
         started = asyncio.get_running_loop().time()
         ok, message = await run_in_threadpool(console.signin.check, account, password, address)
         if not ok:
-            # Refusals take at least a second whatever PAM did, so time tells nothing either.
-            await asyncio.sleep(max(0.0, 1.0 - (asyncio.get_running_loop().time() - started)))
+            if message == REFUSED:
+                # Every refusal PAM saw takes as long as its failure delay at least (pam_unix: about 2 s), so
+                # the time does not tell a right password of an account outside the group from a wrong one.
+                await asyncio.sleep(max(0.0, REFUSAL_SECONDS - (asyncio.get_running_loop().time() - started)))
             return await signin_page(request, error=message, status=403)
         session_token, _session = console.sessions.open(account, address)
         target = str(form.get("next") or "/")

@@ -28,6 +28,7 @@ log = logging.getLogger("dropgate")
 REFUSED = "Sign-in refused: the account name or the password is wrong, or this account may not update the platform."
 MAX_NAME = 256
 MAX_PASSWORD = 4096
+FIRST_DELAY = 8.0  # seconds before the first try past the free ones; then 16, 32, … up to max_delay
 MAX_WAITING = 8  # sign-ins queued behind the one PAM is checking; more are turned away at once
 BUSY = "Too many sign-ins at once: try again in a moment."
 MAX_TRACKED = 10_000  # throttle entries kept (oldest forgotten first), so guessing cannot fill memory
@@ -68,7 +69,10 @@ class _Failures:
 
 
 class Throttle:
-    """Failed sign-ins per key ("account NAME", "address ADDR"): past the free ones, each try waits."""
+    """Failed sign-ins per key ("account NAME", "address ADDR"): past the free ones, each try waits.
+
+    A try refused by the throttle is not counted: it did not reach PAM.
+    """
 
     def __init__(self, settings: ConsoleThrottle, *, now: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -97,7 +101,7 @@ class Throttle:
                 over = len(times) - settings.free_attempts + 1
                 if over <= 0:
                     continue
-                delay = min(settings.max_delay, 2.0 ** min(over, 30))
+                delay = min(settings.max_delay, FIRST_DELAY * 2.0 ** min(over - 1, 30))
                 longest = max(longest, times[-1] + delay - now)
         return max(0.0, longest)
 

@@ -80,7 +80,7 @@ def test_sign_in_is_refused_alike_for_a_wrong_password_an_outsider_and_an_unknow
 def test_the_throttle_stops_guessing_per_account_and_per_address_even_with_the_right_password(
     site: Site, accounts: Accounts
 ) -> None:
-    # Given a console allowing 2 failures before each try must wait (at least 2 s, doubling)
+    # Given a console allowing 2 failures before each try must wait (8 s, then doubling)
     port = start(site, accounts, throttle={"free_attempts": 2, "window": "1h", "max_delay": "1h"})
 
     def sign_in(account: str, password: str, address: str) -> httpx.Response:
