@@ -6,6 +6,8 @@ Relative paths are taken relative to the configuration file's folder.
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -232,6 +234,54 @@ class Control(_Section):
     admin_group: str = "dropgate-admin"
 
 
+class ConsoleThrottle(_Section):
+    """Failed sign-ins allowed per account and per source address before each further try waits."""
+
+    free_attempts: int = Field(default=5, ge=1)
+    window: Duration = 900.0  # failures older than this are forgotten
+    max_delay: Duration = 900.0  # the wait doubles with every failure up to this
+
+
+class Console(_Section):
+    """The administrators' browser console (off unless `listen` is set)."""
+
+    listen: str | None = Field(default=None, pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")
+    tls: Tls | None = None
+    pam_service: str = Field(default="dropgate", pattern=r"^[A-Za-z0-9_.-]+$")
+    session_idle: Duration = 900.0
+    session_max: Duration = 8 * 3600.0
+    throttle: ConsoleThrottle = ConsoleThrottle()
+    # Front proxies whose X-Forwarded-For/-Proto/-Prefix are believed (nginx on this machine).
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_address(proxy)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address") from None
+        return proxies
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AutoUpdate(_Section):
     enabled: bool = False
     feed: str | None = None
@@ -253,6 +303,7 @@ class Config(_Section):
     metrics: Metrics = Metrics()
     control: Control = Control()
     auto_update: AutoUpdate = AutoUpdate()
+    console: Console = Console()
     source: Path | None = Field(default=None, exclude=True)
 
     @property
@@ -295,9 +346,33 @@ def _cross_field_problems(config: Config) -> list[str]:
             "auto_update.enabled: the scheduled fetcher is not part of this release; "
             "drop archives into paths.inbox (or fetch them there with your own timer)"
         )
+    problems += _console_problems(config)
     names = [dump.name for dump in config.backup.dumps]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"backup.dumps: the name {name!r} is used twice")
+    return problems
+
+
+def _console_problems(config: Config) -> list[str]:
+    console = config.console
+    if console.address is None:
+        return []
+    problems = []
+    host, port = console.address
+    if not is_loopback(host) and console.tls is None:
+        problems.append(
+            f"console.tls: required because console.listen ({console.listen}) is not a loopback address "
+            "(sign-in passwords and session cookies must not cross the network in clear)"
+        )
+    if port and console.listen == config.metrics.listen:
+        problems.append("console.listen: must differ from metrics.listen (the metrics listener stays read-only)")
+    sample = f"{config.platform.product}.1.0.0.tgz.part"
+    if not any(fnmatch.fnmatchcase(sample, pattern) for pattern in config.inbox.ignore):
+        problems.append(
+            "inbox.ignore: must ignore '*.part' while the console is on (it uploads into the inbox as NAME.part)"
+        )
+    if console.session_max < console.session_idle:
+        problems.append("console.session_max: must be at least console.session_idle")
     return problems
 
 
@@ -319,6 +394,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(part, dict) and isinstance(part.get(key), list):
             part[key] = [str(base / os.path.expanduser(p)) if isinstance(p, str) else p for p in part[key]]
     tls = raw.get("metrics", {}).get("tls") if isinstance(raw.get("metrics"), dict) else None
+    if isinstance(tls, dict):
+        for key in ("cert", "key"):
+            if isinstance(tls.get(key), str):
+                tls[key] = str(base / tls[key])
+    tls = raw.get("console", {}).get("tls") if isinstance(raw.get("console"), dict) else None
     if isinstance(tls, dict):
         for key in ("cert", "key"):
             if isinstance(tls.get(key), str):

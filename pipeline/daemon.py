@@ -20,10 +20,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -38,6 +38,9 @@ from pipeline.observers import Observers
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
+
+if TYPE_CHECKING:
+    from pipeline.console import ConsoleServer
 
 log = logging.getLogger("dropgate")
 
@@ -135,6 +138,18 @@ class Daemon:
             return self.runner.rollback(None if run_id is None else int(run_id), who).result()
         raise ControlRefused(f"unknown command {command!r}")
 
+    def _console(self, status: Callable[[], dict[str, Any]]) -> ConsoleServer | None:
+        """The browser console on `console.listen`, bound now (None when it is off)."""
+        if self.config.console.listen is None:
+            return None
+        from pipeline.console import ConsoleServer
+
+        console = ConsoleServer(self.config, self._control, status)
+        console.bind()
+        host, port = console.address
+        log.info("console listening on %s://%s:%d/", "https" if self.config.console.tls else "http", host, port)
+        return console
+
     def run(self) -> int:
         config = self.config
         check_paths(config)
@@ -164,12 +179,15 @@ class Daemon:
 
             metrics.heartbeat.set(time.time())  # a first scrape must not read 0 (a stale heartbeat)
             http = StatusServer(config, registry, status, history)
+            console = self._console(status)
             control = ControlServer(config, self._control)
             control.bind()
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
             http.start()
             control.start()
+            if console is not None:
+                console.start()
             inbox.start()
             self.runner.start()
             host, port = http.address
@@ -179,6 +197,8 @@ class Daemon:
                 self._main_loop(journal, metrics, registry)
             finally:
                 inbox.stop()
+                if console is not None:
+                    console.stop()
                 control.stop()
                 self.runner.join()
                 http.stop()

@@ -82,3 +82,11 @@ class CommandFailed(StepFailed):
 
 class RollbackFailed(StepFailed):
     """Putting the platform back as it was did not fully succeed."""
+
+
+class UploadRefused(DropgateError):
+    """The console refused an upload (the message says why; `status` is the HTTP answer's code)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
