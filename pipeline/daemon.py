@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.config import Config, config_path, load_config
 from pipeline.control import ControlServer
 from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused, JournalDamaged, JournalMissing
-from pipeline.evidence import EXIT_NO_JOURNAL, check_memory, start_afresh
+from pipeline.evidence import EXIT_NO_JOURNAL, check_memory, refuse_to_replace, start_afresh
 from pipeline.http import StatusServer
 from pipeline.inbox import Inbox
 from pipeline.journal import Journal, check_intact
@@ -148,6 +148,8 @@ class Daemon:
         check_intact(journal_path)
         if self.fresh_journal is None:
             check_memory(config)
+        else:
+            refuse_to_replace(journal_path)
         with state_lock(config.paths.state):
             if self.fresh_journal is not None:
                 journal = start_afresh(config, self.fresh_journal)

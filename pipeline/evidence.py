@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import JournalMissing
+from pipeline.errors import ConfigError, JournalMissing
 from pipeline.journal import Journal
 
 EXIT_NO_JOURNAL = 5
@@ -155,14 +155,21 @@ def _operator() -> str:
         return f"uid {os.getuid()}"
 
 
+def refuse_to_replace(path: Path) -> None:
+    """`--fresh-journal` is for a lost journal only: one that holds a journal is never replaced."""
+    if journal_state(path) in ("ok", "no runs"):
+        raise ConfigError(
+            [
+                f"--fresh-journal: {path} exists and holds a journal; it is never replaced "
+                "(move it aside first if it really must be started afresh)"
+            ]
+        )
+
+
 def start_afresh(config: Config, note: str) -> Journal:
     """Begin a new journal on purpose: set aside what is left of the old one, record who, when and why."""
     path = config.paths.state / JOURNAL_NAME
-    if journal_state(path) in ("ok", "no runs"):
-        raise JournalMissing(
-            f"--fresh-journal: {path} exists and holds a journal; it is never replaced. "
-            "Move it aside first if it really must be started afresh"
-        )
+    refuse_to_replace(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = []
     for name in (JOURNAL_NAME, JOURNAL_NAME + "-wal", JOURNAL_NAME + "-shm"):
