@@ -191,6 +191,9 @@ def run_command(
     argv: list[str] = ["/bin/sh", "-c", spec.shell] if spec.shell is not None else list(spec.argv)
     full_env = dict(os.environ)
     full_env.update(env or {})
+    if stdin_path is not None:
+        with open(stdin_path, "rb"):  # fail here, not in the child, when it cannot be read
+            pass
     pass_fds: tuple[int, ...] = ()
     progress_read = progress_write = -1
     if on_progress is not None:
@@ -203,9 +206,6 @@ def run_command(
             os.close(progress_read)
             os.close(progress_write)
         raise CommandFailed(f"{label}: cannot start {argv[0]!r}: {problem}")
-    if stdin_path is not None:
-        with open(stdin_path, "rb"):  # fail here, not in the child, when it cannot be read
-            pass
     gate_read, gate_write = os.pipe()
     stdout_file = open(stdout_path, "wb") if stdout_path else None  # noqa: SIM115
     started = now()
@@ -223,6 +223,8 @@ def run_command(
         )
     except OSError as error:
         os.close(gate_write)
+        if progress_read >= 0:
+            os.close(progress_read)
         raise CommandFailed(f"{label}: cannot start {argv[0]!r}: {error.strerror}") from error
     finally:
         os.close(gate_read)
@@ -243,6 +245,8 @@ def run_command(
         proc.communicate()
         if progress_read >= 0:
             os.close(progress_read)
+        if ledger is not None and record is not None:
+            _forget(ledger, record, log, prefix)
         raise
     os.close(gate_write)
     pumps = []
