@@ -76,3 +76,12 @@ def rollback_plan(facts: Mapping[str, Any]) -> str:
         start = "starts the services and " if services_stopped(facts) else ""
         return f"rollback {start}removes the maintenance flag; the data is not restored (apply had not begun)"
     return "there is nothing to roll back"
+
+
+def rollback_done(facts: Mapping[str, Any]) -> str:
+    """What a finished rollback of a run with these facts (as they were before it) put back."""
+    if apply_began(facts):
+        return "the previous release, the data and the dumps restored, maintenance left"
+    if services_stopped(facts):
+        return "services started and the maintenance flag removed; the data was not restored (apply had not begun)"
+    return "the maintenance flag removed; the data was not restored (apply had not begun)"

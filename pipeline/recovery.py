@@ -24,6 +24,7 @@ from pipeline.observers import Observers
 from pipeline.orphans import describe, living_commands
 
 PRE_CHANGE_STEPS = ("validate", "prereq", "approval", "window")
+ADVICE = " Next: "  # what the restart message says to do follows this; the rest is what happened
 
 
 class Events(Protocol):
@@ -66,12 +67,12 @@ def settle_runs(journal: Journal, observers: Observers, event: Events, now: Call
         maintenance = "; maintenance is still ON" if run.maintenance else ""
         if run.platform_changed:
             todo = (
-                f"Inspect, then `dropgate rollback {run.id}` ({rollback_plan(run.facts)}) "
+                f"inspect, then `dropgate rollback {run.id}` ({rollback_plan(run.facts)}) "
                 f"or `dropgate resolve {run.id} --note ...`"
             )
         else:
-            todo = f"Nothing to roll back: inspect, then `dropgate resolve {run.id} --note ...`"
-        message = f"the daemon stopped during {run.step} ({changed}{maintenance}); nothing was re-run. {todo}"
+            todo = f"nothing to roll back; inspect, then `dropgate resolve {run.id} --note ...`"
+        message = f"the daemon stopped during {run.step} ({changed}{maintenance}); nothing was re-run.{ADVICE}{todo}"
         journal.update_run(run.id, outcome="interrupted", finished=now(), step_deadline=None, error=message)
         event(run.id, "interrupted", message)
         finished = journal.run(run.id)

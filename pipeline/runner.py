@@ -28,6 +28,7 @@ from typing import Any
 
 from transitions import Machine
 
+from pipeline.changes import rollback_done
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
 from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
@@ -35,7 +36,7 @@ from pipeline.faults import site_fault
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
-from pipeline.recovery import PRE_CHANGE_STEPS, rollback_blocker, settle_runs
+from pipeline.recovery import ADVICE, PRE_CHANGE_STEPS, rollback_blocker, settle_runs
 from pipeline.release import current_release
 from pipeline.runlog import RunLog
 
@@ -588,8 +589,9 @@ class Runner(threading.Thread):
         self.event(run_id, "rollback", f"rollback asked by {who}")
         model.roll_back()  # type: ignore[attr-defined]
         self.journal.update_run(run_id, outcome=None, resolved=None)
-        previous_error = run.error or f"rolled back by {who}"
-        if self._roll_back(run, model, cause=previous_error):
+        before = (run.error or "").split(ADVICE)[0]
+        cause = (f"{before} — " if before else "") + f"rolled back by {who}: {rollback_done(run.facts)}"
+        if self._roll_back(run, model, cause=cause):
             return f"run {run_id} rolled back; check the platform, then `dropgate resolve {run_id} --note ...`"
         raise ControlRefused(f"rollback of run {run_id} failed: see `dropgate show {run_id} --log`")
 

@@ -51,7 +51,7 @@ def test_sigkill_during_backup_gives_interrupted_blocks_the_gate_and_runs_nothin
     run = site.wait_outcome(1)
     assert run["outcome"] == "interrupted"
     assert "the daemon stopped during backup (the platform was not changed yet)" in run["error"]
-    assert "Nothing to roll back" in run["error"] and "dropgate resolve 1" in run["error"]
+    assert "nothing to roll back" in run["error"] and "dropgate resolve 1" in run["error"]
     assert "dropgate rollback 1" not in run["error"]  # it would refuse: nothing was changed
     status = site.status()
     assert status["gate"] == "blocked"

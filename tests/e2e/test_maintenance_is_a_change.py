@@ -107,7 +107,12 @@ def test_killed_during_the_stop_command_rollback_starts_the_services_and_removes
     assert not platform.flag.exists()
     assert platform.records.read_text().endswith("written after the backup\n")
     assert run["platform_changed"] is False and run["maintenance"] is False
-    assert site.status()["run"]["platform"] == "untouched"
+    assert run["error"].startswith("the daemon stopped during maintenance (the platform WAS changed")
+    assert "— rolled back by root (pid " in run["error"]
+    assert run["error"].endswith(
+        "): services started and the maintenance flag removed; the data was not restored (apply had not begun)"
+    )
+    assert "Next:" not in run["error"]
     events = [e["message"] for e in site.show(1)["events"]]
     assert any("undoing what maintenance changed: maintenance flag on, services being stopped" in m for m in events)
     assert any(m.startswith("maintenance off after") and "services started" in m for m in events)
