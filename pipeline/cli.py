@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok, 1 the thing asked for is not ok, 2 usage or configuration
 error, 3 daemon not reachable, 5 the journal is missing or damaged (the
-gate's state is unknown; `run` refuses to start, see `pipeline.evidence`). Read-only commands work from the journal even
-when the daemon is down; commands that change something go through the daemon.
+gate's state is unknown; `run` refuses to start, see `pipeline.evidence`).
+Read-only commands work from the journal even when the daemon is down;
+commands that change something go through the daemon.
 """
 
 from __future__ import annotations

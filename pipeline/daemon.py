@@ -6,8 +6,8 @@ previous daemon left running (`pipeline.orphans`), settle what it left
 (resume or mark `interrupted`), then start the control socket, the
 status/metrics listener, the inbox and the runner, and tell systemd READY=1.
 The main loop beats the heartbeat (metric, `WATCHDOG=1`, `STATUS=`) until
-the runner stops. First SIGTERM: stop at a safe point;
-second: abort the current step.
+the runner stops. First SIGTERM: stop at a safe point; second: abort the
+current step.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ commands open it read-only and work while the daemon is down.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -88,7 +89,6 @@ CREATE TABLE IF NOT EXISTS gate_events (
 _ADDED_COLUMNS = (("runs", "fault", "TEXT"),)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-FAULTS = ("archive", "site")
 
 _UPDATABLE = {
     "path",
@@ -211,12 +211,13 @@ class Journal:
                 self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                check_intact(path)
+                if check_intact(path) is None:
+                    _create(path)
                 self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA foreign_keys=ON")
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
                 self._add_missing_columns()
         except sqlite3.Error as error:
             raise JournalError(f"cannot open the journal {path}: {error}") from error
@@ -419,14 +420,38 @@ def check_header(path: Path) -> bool:
     return True
 
 
-def check_intact(path: Path) -> None:
+def _create(path: Path) -> None:
+    """A new journal, built aside and renamed into place: a reader never sees it empty or half made."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.new")
+    aside.unlink(missing_ok=True)
+    db = sqlite3.connect(aside, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+    finally:
+        db.close()
+    fd = os.open(aside, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(aside, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_intact(path: Path) -> bool | None:
     """Refuse a journal file that is not an intact SQLite database; never write to it.
 
-    A missing or empty file passes (the daemon decides whether that is allowed).
-    The check reads only: a read-only connection neither repairs nor checkpoints.
+    None when there is nothing yet (missing or 0 bytes: the daemon decides whether
+    that is allowed), True when it is intact. The check reads only: a read-only
+    connection neither repairs nor checkpoints.
     """
     if not check_header(path):
-        return
+        return None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
@@ -437,3 +462,4 @@ def check_intact(path: Path) -> None:
         raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
     if problems != ["ok"]:
         raise JournalDamaged(f"the journal {path} is damaged: {problems[0]}")
+    return True
