@@ -1,8 +1,10 @@
 """The `dropgate` command (also `python -m pipeline`).
 
 Exit codes: 0 ok, 1 the thing asked for is not ok, 2 usage or configuration
-error, 3 daemon not reachable. Read-only commands work from the journal even
-when the daemon is down; commands that change something go through the daemon.
+error, 3 daemon not reachable, 5 the journal is missing or damaged (the
+gate's state is unknown; `run` refuses to start, see `pipeline.evidence`).
+Read-only commands work from the journal even when the daemon is down;
+commands that change something go through the daemon.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError
+from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError, JournalDamaged, JournalMissing
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_NO_JOURNAL = 5  # same value as pipeline.evidence.EXIT_NO_JOURNAL (not imported: the CLI starts light)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -55,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
         return sub
 
-    command("run", "run the daemon in the foreground (systemd Type=notify)")
+    sub = command("run", "run the daemon in the foreground (systemd Type=notify)")
+    sub.add_argument(
+        "--fresh-journal",
+        metavar="NOTE",
+        help="the journal is lost: start with an empty one on purpose (recorded with NOTE); see README",
+    )
     sub = command("status", "the gate, the current run, its step and progress", json=True)
     sub.add_argument("--watch", action="store_true", help="redraw live until interrupted")
     sub.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -125,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonUnreachable as error:
         print(f"dropgate: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except (JournalMissing, JournalDamaged) as error:
+        print(f"dropgate: {error}", file=sys.stderr)
+        return EXIT_NO_JOURNAL
     except DropgateError as error:
         print(f"dropgate: {error}", file=sys.stderr)
         return EXIT_NOT_OK

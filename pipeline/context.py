@@ -116,8 +116,13 @@ class StepContext:
         stdin_path: Path | None = None,
         stdout_path: Path | None = None,
         check: bool = True,
+        starts_services: bool = False,
     ) -> CommandResult:
-        """Run a command or hook under this step's deadline and cancel token, output to the run log."""
+        """Run a command or hook under this step's deadline and cancel token, output to the run log.
+
+        What it leaves running in its session when it exits is ended, unless
+        `starts_services` (services.start and restart: that is the platform).
+        """
         self.checkpoint()
         return run_command(
             cmd,
@@ -131,5 +136,6 @@ class StepContext:
             stdin_path=stdin_path,
             stdout_path=stdout_path,
             check=check,
+            starts_services=starts_services,
             now=self.now,
         )

@@ -1,11 +1,13 @@
 """`dropgate run`: the daemon in the foreground.
 
-Start-up: validate the config, take the state folder's lock, settle what a
-previous daemon left (resume or mark `interrupted`), then start the control
-socket, the status/metrics listener, the inbox and the runner, and tell
-systemd READY=1. The main loop beats the heartbeat (metric, `WATCHDOG=1`,
-`STATUS=`) until the runner stops. First SIGTERM: stop at a safe point;
-second: abort the current step.
+Start-up: validate the config, refuse a damaged journal or a lost one (see
+`pipeline.evidence`), take the state folder's lock, end the commands a
+previous daemon left running (`pipeline.orphans`), settle what it left
+(resume or mark `interrupted`), then start the control socket, the
+status/metrics listener, the inbox and the runner, and tell systemd READY=1.
+The main loop beats the heartbeat (metric, `WATCHDOG=1`, `STATUS=`) until
+the runner stops. First SIGTERM: stop at a safe point; second: abort the
+current step.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import Config, config_path, load_config
 from pipeline.control import ControlServer
-from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused
+from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused, JournalDamaged, JournalMissing
+from pipeline.evidence import EXIT_NO_JOURNAL, check_memory, refuse_to_replace, start_afresh
 from pipeline.http import StatusServer
 from pipeline.inbox import Inbox
-from pipeline.journal import Journal
+from pipeline.journal import Journal, check_intact
 from pipeline.metrics import Metrics, write_textfile
 from pipeline.observers import Observers
+from pipeline.orphans import sweep_orphans
+from pipeline.process import record_commands_in
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
@@ -110,8 +115,9 @@ def check_paths(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, fresh_journal: str | None = None) -> None:
         self.config = config
+        self.fresh_journal = fresh_journal
         self._signals = 0
         self._stopped = threading.Event()
 
@@ -153,8 +159,22 @@ class Daemon:
     def run(self) -> int:
         config = self.config
         check_paths(config)
+        journal_path = config.paths.state / JOURNAL_NAME
+        check_intact(journal_path)
+        if self.fresh_journal is None:
+            check_memory(config)
+        else:
+            refuse_to_replace(journal_path)
         with state_lock(config.paths.state):
-            journal = Journal(config.paths.state / JOURNAL_NAME)
+            if self.fresh_journal is not None:
+                journal = start_afresh(config, self.fresh_journal)
+                log.warning("%s", journal.gate_events()[-1]["message"])
+            else:
+                journal = Journal(journal_path)
+            # First of all: every command from now on is recorded before it runs, and
+            # what an earlier daemon left running is ended before anything else happens.
+            record_commands_in(journal)
+            sweep_orphans(journal, config.paths.state / "runs")
             registry = CollectorRegistry()
             metrics = Metrics(registry)
             observers = Observers([metrics])
@@ -204,6 +224,7 @@ class Daemon:
                 http.stop()
                 if config.metrics.textfile is not None:
                     write_textfile(registry, config.metrics.textfile)
+                record_commands_in(None)
                 journal.close()
         if self.runner.crashed is not None:
             log.critical("dropgate stopped on an error: %s", self.runner.crashed)
@@ -239,8 +260,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
     config = load_config(config_path(args.config))
+    fresh_journal = getattr(args, "fresh_journal", None)
+    if fresh_journal is not None and not fresh_journal.strip():
+        print("dropgate: --fresh-journal needs a note saying why the history starts again", file=sys.stderr)
+        return 2
     try:
-        return Daemon(config).run()
+        return Daemon(config, fresh_journal=fresh_journal).run()
     except AlreadyRunning as error:
         print(f"dropgate: {error}", file=sys.stderr)
         return 2
+    except JournalDamaged as error:
+        print(
+            f"dropgate: {error}. It was left exactly as it is and the daemon does not start: restore the journal "
+            'from backup, or move it aside and start afresh on purpose with `dropgate run --fresh-journal "WHY"`',
+            file=sys.stderr,
+        )
+        return EXIT_NO_JOURNAL
+    except JournalMissing as error:
+        print(f"dropgate: {error}", file=sys.stderr)
+        return EXIT_NO_JOURNAL

@@ -228,6 +228,8 @@ def wait_for_run(
         else:
             try:
                 run = _find_run(journal, name)
+            except JournalError:  # the daemon is still creating it
+                run = None
             finally:
                 journal.close()
         if on_poll is not None:

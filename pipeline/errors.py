@@ -23,6 +23,14 @@ class JournalError(DropgateError):
     """The journal cannot be opened or read."""
 
 
+class JournalDamaged(JournalError):
+    """The journal file is not an intact SQLite database; it is left exactly as found."""
+
+
+class JournalMissing(JournalError):
+    """There is no journal (or an empty one) where one is expected; the message names the evidence."""
+
+
 class KeyFileError(DropgateError):
     """A key file cannot be read or is not a dropgate key of the expected kind."""
 
@@ -58,6 +66,14 @@ class StepFailed(DropgateError):
 
 class ArchiveRejected(StepFailed):
     """The archive is not acceptable (authentication, format, limits, versions, policy)."""
+
+
+class SiteFault(StepFailed):
+    """The site, not the archive, made a step fail (no space, permission, a key file, a folder).
+
+    The run is `rejected` like any failure before `backup`, but it did not judge
+    the archive: the same bytes may be dropped again (`Journal.last_with_sha`).
+    """
 
 
 class PrereqFailed(StepFailed):

@@ -8,6 +8,7 @@ commands open it read-only and work while the daemon is down.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import JournalError
+from pipeline.errors import JournalDamaged, JournalError
+from pipeline.sessions import CommandRecord
 
 OUTCOMES = ("succeeded", "rejected", "failed", "rolled_back", "interrupted")
 BLOCKING_OUTCOMES = ("failed", "rolled_back", "interrupted")
@@ -65,7 +67,28 @@ CREATE TABLE IF NOT EXISTS step_timings (
 );
 CREATE INDEX IF NOT EXISTS step_timings_run ON step_timings(run_id);
 CREATE INDEX IF NOT EXISTS runs_sha ON runs(sha256);
+CREATE TABLE IF NOT EXISTS commands (
+    token       TEXT PRIMARY KEY,
+    run_id      INTEGER,
+    label       TEXT NOT NULL,
+    command     TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    start_ticks INTEGER NOT NULL,
+    boot_id     TEXT NOT NULL,
+    started     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gate_events (
+    id      INTEGER PRIMARY KEY,
+    ts      REAL NOT NULL,
+    kind    TEXT NOT NULL,
+    message TEXT NOT NULL
+);
 """
+
+# Columns added after the first release: (table, column, declaration), added when missing.
+_ADDED_COLUMNS = (("runs", "fault", "TEXT"),)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _UPDATABLE = {
     "path",
@@ -87,6 +110,7 @@ _UPDATABLE = {
     "resolved",
     "resolved_note",
     "facts",
+    "fault",
 }
 
 
@@ -116,6 +140,7 @@ class Run:
     resolved: float | None
     resolved_note: str | None
     retry_of: int | None
+    fault: str | None = None  # of a rejection: "archive" (the bytes) or "site" (no space, permission, key file)
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,6 +179,7 @@ class Run:
             "resolved_note": self.resolved_note,
             "retry_of": self.retry_of,
             "path": self.path,
+            "fault": self.fault,
         }
 
 
@@ -185,14 +211,23 @@ class Journal:
                 self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if check_intact(path) is None:
+                    _create(path)
                 self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA foreign_keys=ON")
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+                self._add_missing_columns()
         except sqlite3.Error as error:
             raise JournalError(f"cannot open the journal {path}: {error}") from error
         self._db.row_factory = sqlite3.Row
+
+    def _add_missing_columns(self) -> None:
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -293,8 +328,14 @@ class Journal:
         return "idle"
 
     def last_with_sha(self, sha256: str, *, exclude: int | None = None) -> Run | None:
+        """The latest finished run of these bytes that judged them: the one place of the repeat rule.
+
+        Runs that failed because of the site (no space, permission, a key file) did
+        not judge the archive, so they never make the same bytes a refused repeat.
+        """
         rows = self._query(
-            "SELECT * FROM runs WHERE sha256 = ? AND id != ? AND outcome IS NOT NULL ORDER BY id DESC LIMIT 1",
+            "SELECT * FROM runs WHERE sha256 = ? AND id != ? AND outcome IS NOT NULL"
+            " AND (fault IS NULL OR fault != 'site') ORDER BY id DESC LIMIT 1",
             (sha256, exclude if exclude is not None else -1),
         )
         return _row_to_run(rows[0]) if rows else None
@@ -317,6 +358,108 @@ class Journal:
         )
         return [dict(row) for row in rows]
 
+    # -- commands running (what finds them after the daemon's death) ----
+    def command_started(self, record: CommandRecord) -> None:
+        """Record a command before it runs (durable: synchronous FULL)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO commands (token, run_id, label, command, pid, start_ticks, boot_id, started)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.token,
+                    record.run_id,
+                    record.label,
+                    record.command,
+                    record.pid,
+                    record.start_ticks,
+                    record.boot_id,
+                    record.started,
+                ),
+            )
+
+    def command_ended(self, token: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM commands WHERE token = ?", (token,))
+
+    def commands(self) -> list[CommandRecord]:
+        """Commands recorded as running: at start-up, those an earlier daemon left."""
+        rows = self._query(
+            "SELECT token, label, command, pid, start_ticks, boot_id, started, run_id FROM commands ORDER BY started"
+        )
+        return [CommandRecord(**dict(row)) for row in rows]
+
+    # -- the gate's own history (not of one run) -------------------------
+    def add_gate_event(self, kind: str, message: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT INTO gate_events (ts, kind, message) VALUES (?, ?, ?)", (self.now(), kind, message))
+
+    def gate_events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT ts, kind, message FROM gate_events WHERE ? IS NULL OR kind = ? ORDER BY id", (kind, kind)
+        )
+        return [dict(row) for row in rows]
+
     def last_outcome_times(self) -> dict[str, float]:
         rows = self._query("SELECT outcome, MAX(finished) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome")
         return {row[0]: float(row[1]) for row in rows if row[1] is not None}
+
+
+def check_header(path: Path) -> bool:
+    """Whether `path` holds something (False: missing or empty); raise JournalDamaged if it is not SQLite."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise JournalError(f"cannot read the journal {path}: {error.strerror}") from error
+    if not head:
+        return False
+    if head != SQLITE_MAGIC:
+        raise JournalDamaged(f"the journal {path} is not an SQLite database (it starts with {head[:8]!r})")
+    return True
+
+
+def _create(path: Path) -> None:
+    """A new journal, built aside and renamed into place: a reader never sees it empty or half made."""
+    aside = path.with_name(f".{path.name}.{os.getpid()}.new")
+    aside.unlink(missing_ok=True)
+    db = sqlite3.connect(aside, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+    finally:
+        db.close()
+    fd = os.open(aside, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(aside, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_intact(path: Path) -> bool | None:
+    """Refuse a journal file that is not an intact SQLite database; never write to it.
+
+    None when there is nothing yet (missing or 0 bytes: the daemon decides whether
+    that is allowed), True when it is intact. The check reads only: a read-only
+    connection neither repairs nor checkpoints.
+    """
+    if not check_header(path):
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
+    if problems != ["ok"]:
+        raise JournalDamaged(f"the journal {path} is damaged: {problems[0]}")
+    return True

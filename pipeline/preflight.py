@@ -53,7 +53,8 @@ from typing import Any
 
 from pipeline.archive import authenticate, load_trusted_keys, parse_archive_name, stage_payload
 from pipeline.config import Config, config_path, load_config
-from pipeline.errors import ConfigError, DropgateError, JournalError
+from pipeline.errors import ConfigError, DropgateError, JournalError, JournalMissing
+from pipeline.evidence import site_evidence
 from pipeline.probes import Probe
 from pipeline.release import current_release, installed_version, plan_downtime
 from pipeline.report import daemon_pid, open_journal
@@ -354,10 +355,15 @@ def check_gate(config: Config) -> list[Check]:
     checks: list[Check] = []
     try:
         journal = open_journal(config)
+    except JournalMissing as error:
+        journal = None
+        if site_evidence(config):  # the journal was lost: the gate's state is unknown
+            checks.append(Check("gate", "critical", str(error)))
     except JournalError as error:
         return [Check("gate", "notice", f"cannot read the journal: {error}")]
     if journal is None:
-        checks.append(Check("gate", "ok", "no run recorded yet"))
+        if not checks:
+            checks.append(Check("gate", "ok", "no run recorded yet"))
     else:
         try:
             blocking, unfinished = journal.blocking(), journal.unfinished()

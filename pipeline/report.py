@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.changes import describe_changes
 from pipeline.config import Config, config_path, load_config
-from pipeline.errors import DropgateError
-from pipeline.journal import Journal, Run
+from pipeline.errors import DropgateError, JournalMissing
+from pipeline.journal import Journal, Run, check_header
 from pipeline.release import installed_version
 from pipeline.runlog import tail
 
@@ -46,16 +47,22 @@ def daemon_pid(state: Path) -> int | None:
 
 
 def open_journal(config: Config) -> Journal | None:
+    """The journal, read-only; a missing or empty one is JournalMissing: without it the gate is unknown, not idle."""
     path = config.paths.state / JOURNAL_NAME
-    if not path.exists():
-        return None
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        empty = True
+    if empty:
+        from pipeline.evidence import missing_message
+
+        raise JournalMissing(missing_message(config))
+    check_header(path)
     return Journal(path, readonly=True)
 
 
 def describe_change(run: Run) -> str:
-    if run.platform_changed:
-        return "changed — rollback restores release and backup"
-    return "untouched"
+    return describe_changes(run.platform_changed, run.facts)
 
 
 def run_view(run: Run) -> dict[str, Any]:

@@ -28,18 +28,20 @@ from typing import Any
 
 from transitions import Machine
 
+from pipeline.changes import rollback_done
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
-from pipeline.errors import ControlRefused, StepAborted, StepFailed
+from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
+from pipeline.faults import site_fault
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
+from pipeline.recovery import ADVICE, PRE_CHANGE_STEPS, rollback_blocker, settle_runs
 from pipeline.release import current_release
 from pipeline.runlog import RunLog
 
 log = logging.getLogger("dropgate")
 
-PRE_CHANGE_STEPS = ("validate", "prereq", "approval", "window")
 CHANGE_STEPS = ("backup", "maintenance", "apply", "verify")
 OPTIONAL_STEPS = ("approval", "window", "maintenance")
 ROLLBACK_AFTER = ("maintenance", "apply", "verify")
@@ -391,7 +393,7 @@ class Runner(threading.Thread):
                 return
             message = str(error)
             if step in PRE_CHANGE_STEPS:
-                self._finish(run, model, "reject", message)
+                self._finish(run, model, "reject", message, fault="site" if isinstance(error, SiteFault) else "archive")
             elif isinstance(error, StepAborted):
                 self._finish(run, model, "interrupt", message)
             elif step in ROLLBACK_AFTER and self.config.policy.on_failure == "rollback":
@@ -453,7 +455,8 @@ class Runner(threading.Thread):
             error = failure
         except Exception as unexpected:
             self.log(run.id, traceback.format_exc().rstrip())
-            error = StepFailed(f"{step}: unexpected error: {unexpected!r}")
+            fault = site_fault(unexpected, doing=step, run_id=run.id) if step in PRE_CHANGE_STEPS else None
+            error = fault or StepFailed(f"{step}: unexpected error: {unexpected!r}")
         finally:
             with self._lock:
                 self._ctx = None
@@ -470,6 +473,10 @@ class Runner(threading.Thread):
         return error
 
     def _roll_back(self, run: Run, model: RunModel, cause: str) -> bool:
+        blocker = rollback_blocker(self.journal)
+        if blocker is not None:
+            self._finish(run, model, "fail", f"{cause}; ROLLBACK NOT STARTED: {blocker}")
+            return False
         error = self._run_step(run, model, "rollback")
         if error is None:
             self._finish(run, model, "restored", cause)
@@ -481,7 +488,9 @@ class Runner(threading.Thread):
             self._finish(run, model, "fail", loud)
         return False
 
-    def _finish(self, run: Run, model: RunModel, trigger: str | None, error: str | None) -> None:
+    def _finish(
+        self, run: Run, model: RunModel, trigger: str | None, error: str | None, *, fault: str | None = None
+    ) -> None:
         if trigger is not None:
             getattr(model, trigger)()
         outcome = model.state
@@ -493,6 +502,7 @@ class Runner(threading.Thread):
             "facts": model.facts,
         }
         if outcome == "rejected":
+            fields["fault"] = fault
             fields["path"] = str(self._set_aside(run, error or "rejected"))
             self._discard_staged_release(run.id, model.facts)
         self.journal.update_run(run.id, **fields)
@@ -571,42 +581,25 @@ class Runner(threading.Thread):
             )
         if not run.platform_changed:
             raise ControlRefused(f"run {run_id} did not change the platform: there is nothing to roll back")
+        blocker = rollback_blocker(self.journal)
+        if blocker is not None:
+            raise ControlRefused(blocker)
         model = RunModel(self.config, dict(run.facts), self.steps)
         build_machine(model, initial=run.outcome or "failed")
         self.event(run_id, "rollback", f"rollback asked by {who}")
         model.roll_back()  # type: ignore[attr-defined]
         self.journal.update_run(run_id, outcome=None, resolved=None)
-        previous_error = run.error or f"rolled back by {who}"
-        if self._roll_back(run, model, cause=previous_error):
+        before = (run.error or "").split(ADVICE)[0]
+        cause = (f"{before} — " if before else "") + f"rolled back by {who}: {rollback_done(run.facts)}"
+        if self._roll_back(run, model, cause=cause):
             return f"run {run_id} rolled back; check the platform, then `dropgate resolve {run_id} --note ...`"
         raise ControlRefused(f"rollback of run {run_id} failed: see `dropgate show {run_id} --log`")
 
     # -- start-up ----------------------------------------------------------
     def recover(self) -> None:
-        """Settle what a previous daemon left: resume pre-change runs, mark later ones interrupted."""
-        for run in self.journal.unfinished():
-            if run.step in PRE_CHANGE_STEPS:
-                self.journal.update_run(run.id, step="queued", step_started=None, step_deadline=None, progress=None)
-                self.event(
-                    run.id,
-                    run.step,
-                    f"the daemon restarted during {run.step}; nothing on the platform was changed, "
-                    "the run resumes from validate",
-                )
-                continue
-            changed = "the platform WAS changed" if run.platform_changed else "the platform was not changed yet"
-            maintenance = "; maintenance is still ON" if run.maintenance else ""
-            message = (
-                f"the daemon stopped during {run.step} ({changed}{maintenance}); nothing was re-run. "
-                f"Inspect, then `dropgate rollback {run.id}` or `dropgate resolve {run.id} --note ...`"
-            )
-            self.journal.update_run(
-                run.id, outcome="interrupted", finished=self.now(), step_deadline=None, error=message
-            )
-            self.event(run.id, "interrupted", message)
-            finished = self.journal.run(run.id)
-            if finished is not None:
-                self.observers.run_finished(finished)
+        """Settle what a previous daemon left: resume pre-change runs (their approval void), mark later ones
+        interrupted (see `pipeline.recovery`)."""
+        settle_runs(self.journal, self.observers, self.event, self.now)
 
 
 def _result_of(error: StepFailed) -> str:

@@ -107,7 +107,7 @@ def run(ctx: StepContext) -> None:
     advance("current switched")
 
     for index, command in enumerate(restarts, start=1):
-        ctx.run_command(command, what=f"restart {index}/{len(restarts)}", progress=False)
+        ctx.run_command(command, what=f"restart {index}/{len(restarts)}", progress=False, starts_services=True)
         advance(f"restarted {index} of {len(restarts)}")
     if restarts:
         ctx.event(f"services restarted ({len(restarts)} command{'s' if len(restarts) != 1 else ''})")
@@ -149,7 +149,7 @@ def revert(ctx: StepContext) -> None:
     restarts = ctx.config.platform.services.restart
     for index, command in enumerate(restarts, start=1):
         try:
-            ctx.run_command(command, what=f"restart {index}/{len(restarts)}", progress=False)
+            ctx.run_command(command, what=f"restart {index}/{len(restarts)}", progress=False, starts_services=True)
         except (CommandFailed, StepTimeout) as error:
             raise RollbackFailed(f"after switching back to {previous.name}: {error}") from error
     if restarts:

@@ -8,6 +8,11 @@ JSON saying which run set it, since when and the Retry-After in seconds.
 The run's journal always says whether maintenance is on: it is recorded before
 the flag is written and cleared only once the flag is gone, so a crash in
 between errs on the side of "still on", which `leave` then puts right.
+
+Entering maintenance changes the platform (`platform_changed`), recorded before
+the flag is written; how far the stop commands got is the fact `services_stop`
+(started/done/total, saved before and after each), so a rollback after a crash
+starts the services only if stopping them had begun (`pipeline.changes`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.changes import apply_began, services_stopped
 from pipeline.config import Config
 from pipeline.context import StepContext
 from pipeline.errors import StepFailed
@@ -61,10 +67,11 @@ def enter(ctx: StepContext) -> None:
     config = ctx.config
     flag = config.maintenance.flag_file
     since = ctx.facts.get("maintenance_since")
+    commands = config.platform.services.stop
     if since is None or not flag.exists():
         since = since if since is not None else ctx.now()
-        ctx.save_facts(maintenance_since=since)
-        ctx.update_run(maintenance=True)
+        ctx.save_facts(maintenance_since=since, services_stop={"started": 0, "done": 0, "total": len(commands)})
+        ctx.update_run(maintenance=True, platform_changed=True)
         retry_after = int(config.maintenance.retry_after)
         content = {
             "run_id": ctx.run_id,
@@ -76,15 +83,17 @@ def enter(ctx: StepContext) -> None:
         try:
             write_flag(flag, content)
         except OSError as error:
-            ctx.update_run(maintenance=flag.exists())
+            changed = flag.exists() or apply_began(ctx.facts)
+            ctx.update_run(maintenance=flag.exists(), platform_changed=changed)
             raise StepFailed(f"cannot write the maintenance flag {flag}: {error.strerror}") from error
         ctx.event(f"maintenance on: {flag} written (Retry-After {retry_after}s)")
     else:
         ctx.update_run(maintenance=True)
         ctx.event(f"maintenance already on since {_clock(since)} ({flag})")
-    commands = config.platform.services.stop
     for index, command in enumerate(commands, start=1):
+        ctx.save_facts(services_stop={"started": index, "done": index - 1, "total": len(commands)})
         ctx.run_command(command, what=f"stop {index}/{len(commands)}", progress=False)
+        ctx.save_facts(services_stop={"started": index, "done": index, "total": len(commands)})
         ctx.progress(index / len(commands), f"stopped {index} of {len(commands)}")
     if commands:
         ctx.event(f"services stopped ({len(commands)} command{'s' if len(commands) != 1 else ''})")
@@ -92,7 +101,7 @@ def enter(ctx: StepContext) -> None:
 
 
 def leave(ctx: StepContext) -> None:
-    """Run `platform.services.start`, then remove the flag; record the downtime.
+    """Run `platform.services.start` (if stopping them had begun), then remove the flag; record the downtime.
 
     Idempotent, and a no-op when this run never entered maintenance (a flag
     set by someone else is left alone). If a start command fails, the flag
@@ -103,13 +112,13 @@ def leave(ctx: StepContext) -> None:
     since = ctx.facts.get("maintenance_since")
     if since is None:
         return
-    commands = config.platform.services.start
+    commands = config.platform.services.start if services_stopped(ctx.facts) else []
     for index, command in enumerate(commands, start=1):
-        ctx.run_command(command, what=f"start {index}/{len(commands)}", progress=False)
+        ctx.run_command(command, what=f"start {index}/{len(commands)}", progress=False, starts_services=True)
     flag.unlink(missing_ok=True)
     window = max(0.0, ctx.now() - float(since))
     total = float(ctx.facts.get("downtime_seconds") or 0.0) + window
-    ctx.save_facts(maintenance_since=None, downtime_seconds=round(total, 3))
+    ctx.save_facts(maintenance_since=None, services_stop=None, downtime_seconds=round(total, 3))
     ctx.update_run(maintenance=False)
     started = "services started, " if commands else ""
     ctx.event(f"maintenance off after {window:.1f}s: {started}{flag} removed")

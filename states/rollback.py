@@ -4,12 +4,15 @@ Maintenance on (the data must not change under the restore), the previous
 release back in `current`, the data and dumps restored from the run's own
 snapshot, maintenance off. Each part runs only if the run got that far: the
 data is restored only once `apply` had begun (its hooks and migrations are
-what change data). A run that failed while entering maintenance changed no
-data, and restoring the backup then would only lose what users wrote since.
+what change data). A run that failed (or was interrupted) while entering
+maintenance changed no data, and restoring the backup then would only lose
+what users wrote since: its rollback starts the services (if stopping them had
+begun) and removes the flag.
 """
 
 from __future__ import annotations
 
+from pipeline.changes import maintenance_changes
 from pipeline.context import StepContext
 from pipeline.errors import RollbackFailed, StepFailed
 from states import apply, backup, maintenance
@@ -19,8 +22,11 @@ def run(ctx: StepContext) -> None:
     apply_began = bool(ctx.facts.get("previous_release"))  # saved by apply before its first change
     try:
         if not apply_began:
-            ctx.event("apply had not begun: the release and the data are unchanged, nothing to restore")
-            maintenance.leave(ctx)  # only if this run had entered it
+            entered = maintenance_changes(ctx.facts)
+            undo = f"; undoing what maintenance changed: {', '.join(entered)}" if entered else ""
+            ctx.event(f"apply had not begun: the release and the data are unchanged, nothing to restore{undo}")
+            maintenance.leave(ctx)  # only if this run had entered it: services started, flag removed
+            ctx.update_run(platform_changed=False)
             return
         maintenance.enter(ctx)
         apply.revert(ctx)

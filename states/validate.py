@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pipeline.archive import Manifest, authenticate, load_trusted_keys, parse_archive_name, stage_payload
 from pipeline.context import StepContext
-from pipeline.errors import ArchiveRejected, ConfigError, StepFailed
+from pipeline.errors import ArchiveRejected, ConfigError, SiteFault, StepFailed
+from pipeline.faults import site_fault
 from pipeline.release import (
     current_release,
     installed_version,
@@ -96,7 +97,8 @@ def run(ctx: StepContext) -> None:
     try:
         size = ctx.archive.stat().st_size
     except OSError as error:
-        raise StepFailed(f"cannot read the spooled archive {ctx.archive}: {error.strerror}") from error
+        fault = site_fault(error, doing="reading the spooled archive", run_id=ctx.run_id, path=ctx.archive)
+        raise fault or StepFailed(f"cannot read the spooled archive {ctx.archive}: {error.strerror}") from error
     if size > limits.max_archive_bytes:
         raise ArchiveRejected(
             f"the archive is {size} bytes, above limits.max_archive_bytes ({limits.max_archive_bytes})"
@@ -109,19 +111,31 @@ def run(ctx: StepContext) -> None:
         )
     try:
         keys = load_trusted_keys(config.trust.keys)
-    except ConfigError as error:
-        raise ArchiveRejected(f"cannot authenticate: {'; '.join(error.problems)}") from None
+    except ConfigError as error:  # the site's trust keys, not the archive
+        raise SiteFault(
+            f"site problem: cannot authenticate, the trusted keys are unusable: {'; '.join(error.problems)}; "
+            f"the archive itself was not judged: fix trust.keys, then drop it again or `dropgate retry {ctx.run_id}`"
+        ) from None
     manifest = authenticate(ctx.archive, keys)
     ctx.event(f"signature ok (key {manifest.key_id}): {manifest.product} {manifest.version} ({manifest.channel})")
     installed = check_policy(manifest, ctx, name_product, name_version)
     target = release_dir(root, manifest.version)
-    with staging(staging_dir(root, ctx.run_id)) as folder:
-        stage_payload(ctx.archive, manifest, folder, limits, checkpoint=ctx.checkpoint, progress=ctx.progress)
-        ctx.checkpoint()
-        os.sync()  # the staged files are on disk before the release appears under releases/
-        releases_dir(root).mkdir(parents=True, exist_ok=True)
-        _make_room(target, root)
-        folder.rename(target)
+    try:
+        with staging(staging_dir(root, ctx.run_id)) as folder:
+            stage_payload(ctx.archive, manifest, folder, limits, checkpoint=ctx.checkpoint, progress=ctx.progress)
+            ctx.checkpoint()
+            os.sync()  # the staged files are on disk before the release appears under releases/
+            releases_dir(root).mkdir(parents=True, exist_ok=True)
+            _make_room(target, root)
+            folder.rename(target)
+    except ArchiveRejected:
+        raise
+    except (OSError, StepFailed) as error:  # a full disk or a permission is the site's, not the archive's
+        where = staging_dir(root, ctx.run_id)
+        fault = site_fault(error, doing="staging", run_id=ctx.run_id, path=where, needed=manifest.unpacked_bytes)
+        if fault is None:
+            raise
+        raise fault from error
     ctx.event(
         f"staged {len(manifest.files)} files, {_megabytes(manifest.unpacked_bytes)} into releases/{manifest.version}"
     )

@@ -237,11 +237,13 @@ class Site:
         return target
 
     # -- the daemon ------------------------------------------------------------
-    def start_daemon(self, *, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start_daemon(
+        self, *, wait: bool = True, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> DaemonProcess:
         log_path = self.root / f"daemon-{len(self.daemons)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "--config", str(self.config_path), "run"],
+                [sys.executable, "-m", "pipeline", "--config", str(self.config_path), "run", *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,

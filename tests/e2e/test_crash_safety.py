@@ -50,8 +50,9 @@ def test_sigkill_during_backup_gives_interrupted_blocks_the_gate_and_runs_nothin
     # Then the run is interrupted, the gate blocked, the operator told what to do
     run = site.wait_outcome(1)
     assert run["outcome"] == "interrupted"
-    assert "the daemon stopped during backup" in run["error"]
-    assert "dropgate rollback 1" in run["error"] and "dropgate resolve 1" in run["error"]
+    assert "the daemon stopped during backup (the platform was not changed yet)" in run["error"]
+    assert "nothing to roll back" in run["error"] and "dropgate resolve 1" in run["error"]
+    assert "dropgate rollback 1" not in run["error"]  # it would refuse: nothing was changed
     status = site.status()
     assert status["gate"] == "blocked"
     assert site.metric("dropgate_blocked") == 1.0

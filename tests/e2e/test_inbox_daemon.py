@@ -99,6 +99,7 @@ def test_a_non_archive_is_rejected_moved_aside_with_its_reason_and_the_daemon_go
 
 
 def test_dropping_the_same_rejected_bytes_again_is_refused_as_a_repeat(site: Site) -> None:
+    site.keypair()  # the site can judge archives (without its trust key, a rejection is the site's fault)
     site.start_daemon()
     site.drop(b"same bytes", "gts.4.0.0.tgz")
     first = site.wait_outcome(1)

@@ -295,7 +295,8 @@ def test_the_unit_is_a_notify_service_that_stops_at_a_safe_point_and_never_loops
     assert settings["ExecStart"] == ["/usr/bin/dropgate run"]
     assert settings["Environment"] == ["DROPGATE_CONFIG=/etc/dropgate/dropgate.yaml"]
     assert settings["Restart"] == ["on-failure"]
-    assert settings["RestartPreventExitStatus"] == ["2"]  # dropgate's exit status for a configuration error
+    # dropgate's exit statuses for a configuration error and a lost or damaged journal
+    assert settings["RestartPreventExitStatus"] == ["2 5"]
     assert settings["KillMode"] == ["mixed"]
     assert settings["WatchdogSec"]
     assert settings["ProtectSystem"] == ["strict"]

@@ -400,11 +400,6 @@ def no_current_release(site: ArchiveSite) -> Path:
     return forged(site, members())
 
 
-def broken_trust_key(site: ArchiveSite) -> Path:
-    site.public_key.write_text("ssh-ed25519 AAAA not-ours\n")
-    return forged(site, members())
-
-
 @dataclass
 class Case:
     build: Callable[[ArchiveSite], Path]
@@ -501,7 +496,6 @@ CASES = {
         unlisted_folder, "member 'payload/cache' is a folder that the signed manifest does not list"
     ),
     "no trusted keys": Case(good, "no trusted keys are configured (trust.keys is empty)", {"trust": {"keys": []}}),
-    "broken trust key": Case(broken_trust_key, "cannot authenticate: trust.keys[0]: "),
     "no installed release": Case(no_current_release, "no release is installed under"),
 }
 

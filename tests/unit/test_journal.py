@@ -60,3 +60,42 @@ def test_records_survive_reopening_and_a_reader_sees_them(tmp_path: Path) -> Non
         raise AssertionError("a read-only journal accepted a write")
     finally:
         reader.close()
+
+
+def test_runs_that_failed_for_the_site_never_make_the_same_bytes_a_repeat(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    spool = tmp_path / "spool"
+    first = journal.add_run("gts.1.1.tgz", spool=spool, arrived=1.0)
+    journal.update_run(first, sha256="abc", outcome="rejected", fault="archive")
+    second = journal.add_run("gts.1.1.tgz", spool=spool, arrived=2.0)
+    journal.update_run(second, sha256="abc", outcome="rejected", fault="site")
+    # the site-fault run is skipped: the last judgement of these bytes is run 1's
+    assert journal.last_with_sha("abc").id == first  # type: ignore[union-attr]
+    assert journal.last_with_sha("def") is None
+    third = journal.add_run("gts.1.2.tgz", spool=spool, arrived=3.0)
+    journal.update_run(third, sha256="def", outcome="rejected", fault="site")
+    assert journal.last_with_sha("def") is None
+    assert journal.run(third).to_json()["fault"] == "site"  # type: ignore[union-attr]
+    journal.close()
+
+
+def test_a_journal_from_before_the_fault_column_opens_and_gains_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE runs (id INTEGER PRIMARY KEY, archive TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT,"
+        " size INTEGER, from_version TEXT, to_version TEXT, step TEXT NOT NULL DEFAULT 'queued', outcome TEXT,"
+        " arrived REAL NOT NULL, started REAL, finished REAL, step_started REAL, step_deadline REAL,"
+        " progress REAL, progress_message TEXT, error TEXT, platform_changed INTEGER NOT NULL DEFAULT 0,"
+        " maintenance INTEGER NOT NULL DEFAULT 0, resolved REAL, resolved_note TEXT, retry_of INTEGER,"
+        " facts TEXT NOT NULL DEFAULT '{}');"
+        "INSERT INTO runs (archive, path, sha256, outcome, arrived) VALUES ('gts.1.1.tgz', 'x', 'abc', 'rejected', 1);"
+    )
+    old.commit()
+    old.close()
+    journal = Journal(path)
+    assert journal.last_with_sha("abc").fault is None  # type: ignore[union-attr]
+    journal.close()
+    reader = Journal(path, readonly=True)
+    assert reader.run(1).archive == "gts.1.1.tgz"  # type: ignore[union-attr]
+    reader.close()
