@@ -31,6 +31,7 @@ from transitions import Machine
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
 from pipeline.errors import ControlRefused, StepAborted, StepFailed
+from pipeline.inbox.order import start_order
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
@@ -321,7 +322,7 @@ class Runner(threading.Thread):
                 if self.stopping:
                     break
                 gate = self._publish_gate()
-                queued = self.journal.queued() if gate == "idle" else []
+                queued = start_order(self.journal.queued()) if gate == "idle" else []
                 if queued:
                     self._execute(queued[0])
                     continue
