@@ -124,7 +124,7 @@ class Inbox(threading.Thread):
         self.observers = observers
         self.now = now
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._overflowed = threading.Event()
         self.intake = Intake(config, journal, on_published=on_taken, wake=self._wake.set, now=now)
         self._candidates: dict[str, Candidate] = {}
@@ -181,7 +181,7 @@ class Inbox(threading.Thread):
 
     def stop(self) -> None:
         """Stop within a few seconds whatever is being looked at or hashed (nothing here can block)."""
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
         for name in WATCHDOG_LOGGERS:
             logging.getLogger(name).removeHandler(self._alarm)
@@ -196,7 +196,7 @@ class Inbox(threading.Thread):
                 self._forget(candidate.name)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self.poll()
             except Exception:
@@ -220,7 +220,7 @@ class Inbox(threading.Thread):
             self._judge(candidate, now, uploading, ready)
         batch = next(self._batches)
         for candidate in sorted(ready, key=lambda c: (c.ctime_ns, name_key(c.name))):
-            if self._stop.is_set():
+            if self._stopping.is_set():
                 break
             self._take(candidate, batch)
         self.intake.publish()
