@@ -129,7 +129,9 @@ def test_a_writer_opening_the_file_while_the_lease_is_held_waits_and_kills_no_on
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         assert take_lease(fd) is Lease.HELD
-        writer = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         try:
             with pytest.raises(subprocess.TimeoutExpired):
                 writer.wait(timeout=0.5)  # the writer's open waits for the lease
@@ -153,5 +155,6 @@ def test_status_while_the_daemon_is_down_lists_uploads_without_following_links_o
     outside.write_bytes(archive_head(99_999))
     os.symlink(outside, inbox / "gts.3.0.tgz")
     (inbox / ".gts.4.0.tgz.part").write_bytes(head)
-    config = parse_config({"paths": {"inbox": "inbox", "state": "state"}, "platform": {"product": "gts", "root": "p"}}, base=tmp_path)
+    raw = {"paths": {"inbox": "inbox", "state": "state"}, "platform": {"product": "gts", "root": "p"}}
+    config = parse_config(raw, base=tmp_path)
     assert list_uploads(config) == [{"name": "gts.1.0.tgz", "bytes": len(head), "total": 10_000}]
