@@ -83,7 +83,7 @@ def sftp_site(site: Site, chroot: Path) -> Iterator[Site]:
 
 
 class Sshd:
-    def __init__(self, folder: Path, chroot: Path) -> None:
+    def __init__(self, folder: Path, chroot: Path, *, allow_links: bool = False) -> None:
         self.folder = folder
         self.port = free_port()
         keygen = tool("ssh-keygen")
@@ -101,6 +101,9 @@ class Sshd:
         assert "ChrootDirectory /var/lib/dropgate\n" in drop_in
         drop_in = drop_in.replace("Match Group dropgate-upload\n", "Match Group root\n")
         drop_in = drop_in.replace("ChrootDirectory /var/lib/dropgate\n", f"ChrootDirectory {chroot}\n")
+        if allow_links:  # a site that relaxed the drop-in: dropgate itself must still hold
+            assert " -P symlink,hardlink " in drop_in
+            drop_in = drop_in.replace(" -P symlink,hardlink ", " ")
         header = "\n".join([
             f"Port {self.port}",
             "ListenAddress 127.0.0.1",
@@ -305,3 +308,51 @@ def test_a_flood_of_200_sftp_uploads_in_a_storm_of_ignored_files_all_become_runs
     # and the ignored files are still where they were uploaded, untouched
     left = sorted(path.name for path in site.inbox.iterdir())
     assert len(left) == 2 * len(uploads) and all(name.startswith(".hidden-") or name.endswith(".part") for name in left)
+
+
+@pytest.fixture
+def relaxed_sshd(tmp_path: Path, chroot: Path) -> Iterator[Sshd]:
+    folder = tmp_path / "sshd-relaxed"
+    folder.mkdir()
+    server = Sshd(folder, chroot, allow_links=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_shipped_drop_in_refuses_links_over_sftp(sftp_site: Site, sshd: Sshd) -> None:
+    junk = sftp_site.root / "junk.bin"
+    junk.write_bytes(b"x")
+    result = sshd.sftp(f"put {junk} a.part", "-symlink /dev/zero gts.1.0.1.tgz", "-ln a.part gts.1.0.2.tgz")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in sftp_site.inbox.iterdir()) == ["a.part"]
+
+
+def test_links_made_over_a_relaxed_sftp_are_refused_or_copied_and_rewriting_a_second_name_changes_nothing(
+    sftp_site: Site, relaxed_sshd: Sshd
+) -> None:
+    site = sftp_site
+    site.start_daemon()
+    # A symbolic link to a device, made by the uploader over sftp
+    result = relaxed_sshd.sftp("symlink /dev/zero gts.1.0.9.tgz")
+    assert result.returncode == 0, result.stderr + relaxed_sshd.log()
+    link_run = site.wait_outcome(1, timeout=60)
+    assert link_run["error"] == "gts.1.0.9.tgz is a symbolic link to /dev/zero; only regular files are taken"
+    assert Path(str(link_run["path"])).is_symlink()
+    # A signed archive uploaded under an ignored name, then hard-linked to its real name
+    archive = signed_archive(site, "1.0.1")
+    evil = site.root / "evil.bin"
+    evil.write_bytes(b"EVIL" * 1000)
+    result = relaxed_sshd.sftp(f"put {archive} keep.part", f"ln keep.part {archive.name}")
+    assert result.returncode == 0, result.stderr + relaxed_sshd.log()
+    wait_for(lambda: len(site.history()) == 2, timeout=60, what="the hard-linked archive to be taken")
+    # and rewritten through the name the uploader kept, after the take
+    result = relaxed_sshd.sftp(f"put {evil} keep.part")
+    assert result.returncode == 0, result.stderr
+    assert (site.inbox / "keep.part").read_bytes() == evil.read_bytes()
+    # Then the run installs the bytes that were uploaded, which it hashed and copied
+    run = site.wait_outcome(2, timeout=120)
+    assert run["outcome"] == "succeeded", run
+    assert run["sha256"] == sha256(archive)
+    assert site.status()["installed_version"] == "1.0.1"
