@@ -197,7 +197,8 @@ class Intake:
         item = Item(token, name, info.st_ctime_ns, batch)
         if not same_file(moved, info):
             os.close(fd)
-            self._screen(item, note=" (it replaced the file that was being taken)")
+            swapped = f"{printable(name)} was replaced by another file while it was being taken; nothing of it is run"
+            self._screen(item, reason=swapped, note=" (it replaced the file that was being taken)")
             return True
         item.fd = fd
         if refusal is not None:
