@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 from pipeline.archive import pack, write_build_dir
@@ -90,3 +91,26 @@ def test_archives_waiting_together_start_in_version_order_never_text_order(site:
     assert [run["outcome"] for run in started] == ["succeeded"] * len(versions), [r["error"] for r in started]
     assert [run["archive"] for run in started] == [f"gts.{version}.tgz" for version in versions]
     assert site.status()["installed_version"] == "1.0.12"
+
+
+def test_after_an_inotify_queue_overflow_the_inbox_is_listed_again_at_once(site: Site) -> None:
+    # Given a running daemon that will not rescan on its own for an hour
+    site.write_config(inbox=NO_RESCAN)
+    daemon = site.start_daemon()
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    # When the daemon cannot read its events for a moment (stopped) while far more than the
+    # kernel's queue holds happen in the inbox, among them a file moved in
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        for number in range(limit // 2 + 100):  # two events each (create, delete): past the queue's limit
+            ignored = site.inbox / f".storm-{number}"
+            ignored.touch()
+            ignored.unlink()
+        (site.root / "moved.bin").write_bytes(b"moved in during the storm")
+        os.rename(site.root / "moved.bin", site.inbox / "moved.bin")
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    # Then the daemon says it lost events and listed the inbox again, and the file becomes a run
+    run = site.wait_outcome(1, timeout=30)
+    assert run["archive"] == "moved.bin"
+    assert "filesystem events were lost (queue overflow): listing the inbox again" in daemon.output()
