@@ -312,7 +312,13 @@ class Inbox(threading.Thread):
             if settled and (candidate.error or candidate.kind != stat_module.S_IFREG):
                 self._set_aside(candidate, candidate.error)
             return
-        if candidate.announced is None and candidate.head_size != candidate.size and candidate.head_size < HEAD_BYTES:
+        too_big = candidate.size > self.config.limits.max_archive_bytes  # refused without reading a byte
+        if (
+            candidate.announced is None
+            and not too_big
+            and candidate.head_size != candidate.size
+            and candidate.head_size < HEAD_BYTES
+        ):
             candidate.announced = announced_length_of(read_head(candidate.fd))
             candidate.head_size = candidate.size
         total = candidate.announced
