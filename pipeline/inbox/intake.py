@@ -482,6 +482,12 @@ class Intake:
     def _publish_refusal(self, item: Item, reason: str) -> None:
         """A run that is rejected from the start; the file is kept in rejected/ with its reason."""
         source = self.folder / item.token / item.name
+        note = self.folder / f"{item.token}.reason"  # written first: inside the transaction only renames happen
+        try:
+            note.write_text(reason + "\n", encoding="utf-8")
+        except OSError as error:
+            self._log_once(item, f"cannot write {note}: {error.strerror}")
+            return
         kept: list[str] = []
 
         def place(run_id: int) -> Path:
@@ -490,8 +496,9 @@ class Intake:
                 os.rename(source, target)
             except OSError as error:
                 kept.append(f"; it could not be kept aside: {error.strerror}")
+                note.unlink(missing_ok=True)
                 return source
-            target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
+            os.rename(note, target.with_name(target.name + ".reason"))
             return target
 
         now = self.now()
@@ -551,7 +558,10 @@ class Intake:
                         os.unlink(entry.path + ".reason")
                     self._bring_in(Path(entry.path), match.group(2))
         for entry in sorted(_entries(self.folder), key=lambda e: e.name):
-            self._resume(entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                self._resume(entry.name)
+            else:
+                os.unlink(entry.path)  # a refusal's reason written before its run: written again
 
     def _higher_ids_exist(self, orphan: int) -> bool:
         """Evidence of runs above `orphan` means the journal lost runs: leave everything alone then."""
