@@ -182,11 +182,12 @@ class Daemon:
             self.runner.recover()
             metrics.load(journal, installed_version(config.platform.root))
             inbox = Inbox(config, journal, observers, on_taken=lambda _run_id: self.runner.wake())
+            inbox.recover()  # files a crash left between the inbox and their runs, before anything adds runs
 
             def status() -> dict[str, Any]:
                 reader = Journal(config.paths.state / JOURNAL_NAME, readonly=True)
                 try:
-                    return status_dict(config, reader)
+                    return status_dict(config, reader, uploads=inbox.uploading)
                 finally:
                     reader.close()
 

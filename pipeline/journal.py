@@ -252,8 +252,27 @@ class Journal:
                 raise JournalError(f"cannot read the journal {self.path}: {error}") from error
 
     # -- writes ----------------------------------------------------------
-    def add_run(self, archive: str, *, spool: Path, arrived: float, retry_of: int | None = None) -> int:
-        """Record a new queued run; its archive's place is `spool/<id>/<archive>`."""
+    def add_run(
+        self,
+        archive: str,
+        *,
+        spool: Path,
+        arrived: float,
+        retry_of: int | None = None,
+        place: Callable[[int], Path] | None = None,
+        **fields: Any,
+    ) -> int:
+        """Record a new queued run; its archive's place is `spool/<id>/<archive>`.
+
+        `fields` (run columns: sha256, size, or an outcome for a file refused at
+        once) are set in the same transaction, so no one sees the run without
+        them. `place(id)` runs inside it too, before the run is visible: it puts
+        the archive where it belongs and returns that path (a run never exists
+        without its file; a crash before the commit leaves the file and no run).
+        """
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not a run column: {', '.join(sorted(unknown))}")
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO runs (archive, path, arrived, retry_of) VALUES (?, '', ?, ?)",
@@ -261,8 +280,18 @@ class Journal:
             )
             run_id = cursor.lastrowid
             assert run_id is not None
-            db.execute("UPDATE runs SET path = ? WHERE id = ?", (str(spool / str(run_id) / archive), run_id))
+            path = place(run_id) if place is not None else spool / str(run_id) / archive
+            fields = {**fields, "path": str(path)}
+            assignments = ", ".join(f"{key} = ?" for key in fields)
+            db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))  # noqa: S608
         return run_id
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Keep the other threads of this process out of the journal for a few writes in a row
+        (the inbox adds the runs it took together at once, so the runner sees all of them or none)."""
+        with self._lock:
+            yield
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         unknown = set(fields) - _UPDATABLE

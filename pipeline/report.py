@@ -71,9 +71,18 @@ def run_view(run: Run) -> dict[str, Any]:
     return view
 
 
-def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], float] = time.time) -> dict[str, Any]:
-    """The `status --json` structure (SPEC section 7), plus the daemon's liveness."""
-    from pipeline.inbox import list_uploads
+def status_dict(
+    config: Config,
+    journal: Journal | None,
+    *,
+    now: Callable[[], float] = time.time,
+    uploads: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The `status --json` structure (SPEC section 7), plus the daemon's liveness.
+
+    `uploads`: the daemon's own view of the uploads in progress; without it the inbox is looked at.
+    """
+    from pipeline.inbox import list_uploads, start_order
 
     pid = daemon_pid(config.paths.state)
     result: dict[str, Any] = {
@@ -81,7 +90,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         "daemon": {"running": pid is not None, "pid": pid},
         "run": None,
         "queued": [],
-        "uploading": list_uploads(config),
+        "uploading": list_uploads(config) if uploads is None else list(uploads),
         "installed_version": installed_version(config.platform.root),
         "blocked_by": [],
         "now": now(),
@@ -102,7 +111,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         view["steps"] = journal.step_timings(current.id)
         view["log_tail"] = tail(config.paths.state / "runs" / f"{current.id}.log", 20)
         result["run"] = view
-    result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in journal.queued()]
+    result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in start_order(journal.queued())]
     result["blocked_by"] = [{"id": r.id, "outcome": r.outcome, "error": r.error} for r in blocking]
     return result
 

@@ -33,6 +33,7 @@ from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
 from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
 from pipeline.faults import site_fault
+from pipeline.inbox.order import start_order
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
 from pipeline.process import CancelToken
@@ -323,7 +324,7 @@ class Runner(threading.Thread):
                 if self.stopping:
                     break
                 gate = self._publish_gate()
-                queued = self.journal.queued() if gate == "idle" else []
+                queued = start_order(self.journal.queued()) if gate == "idle" else []
                 if queued:
                     self._execute(queued[0])
                     continue

@@ -122,4 +122,4 @@ def test_a_symlink_or_folder_dropped_in_the_inbox_is_refused_without_being_follo
     assert secret.read_text() == "do not read me"
     (site.inbox / "gts.6.0.0.tgz").mkdir()
     run = site.wait_outcome(2)
-    assert "not a regular file" in run["error"]
+    assert run["error"] == "gts.6.0.0.tgz is a folder; only regular files are taken"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -82,7 +83,7 @@ def sftp_site(site: Site, chroot: Path) -> Iterator[Site]:
 
 
 class Sshd:
-    def __init__(self, folder: Path, chroot: Path) -> None:
+    def __init__(self, folder: Path, chroot: Path, *, allow_links: bool = False) -> None:
         self.folder = folder
         self.port = free_port()
         keygen = tool("ssh-keygen")
@@ -100,6 +101,9 @@ class Sshd:
         assert "ChrootDirectory /var/lib/dropgate\n" in drop_in
         drop_in = drop_in.replace("Match Group dropgate-upload\n", "Match Group root\n")
         drop_in = drop_in.replace("ChrootDirectory /var/lib/dropgate\n", f"ChrootDirectory {chroot}\n")
+        if allow_links:  # a site that relaxed the drop-in: dropgate itself must still hold
+            assert " -P symlink,hardlink " in drop_in
+            drop_in = drop_in.replace(" -P symlink,hardlink ", " ")
         header = "\n".join([
             f"Port {self.port}",
             "ListenAddress 127.0.0.1",
@@ -257,3 +261,98 @@ def test_a_cut_upload_is_left_alone_shown_as_uploading_then_resumed_with_reput_a
     assert list(site.inbox.iterdir()) == []
     assert site.status()["uploading"] == []
     assert site.metric("dropgate_inbox_uploading_bytes", f'file="{archive.name}"') is None
+
+
+def test_a_flood_of_200_sftp_uploads_in_a_storm_of_ignored_files_all_become_runs_in_version_order(
+    sftp_site: Site, sshd: Sshd
+) -> None:
+    from tests.e2e.test_inbox_order import approve_until_finished, build_archives, upload_order
+
+    site = sftp_site
+    # Given a daemon that only looks at the inbox by events (the periodic rescan is an hour away)
+    # and waits for approval before each run, so that uploads wait together in the queue
+    site.write_config(inbox={"rescan_seconds": 3600}, policy={"require_approval": True})
+    versions = [f"1.0.{number}" for number in range(1, 31)]
+    archives = build_archives(site, versions)
+    junk = site.root / "junk"
+    junk.mkdir()
+    for number in range(170):
+        (junk / f"other-{number:03d}.bin").write_bytes(b"not an archive %d" % number)
+    storm = site.root / "storm.bin"
+    storm.write_bytes(b"ignored")
+    site.start_daemon()
+    # When one archive holds the runner in approval
+    result = sshd.sftp(f"put {archives[versions[0]]} gts.{versions[0]}.tgz")
+    assert result.returncode == 0, result.stderr + sshd.log()
+    site.wait_step(1, "approval", timeout=120)
+    # and 199 more files are uploaded in one sftp session: archives in increasing versions, shuffled
+    # within groups of five that complete together, among junk, with ignored files between them
+    uploads = [(archives[v], f"gts.{v}.tgz") for v in upload_order(versions[1:], group=5, seed=11)]
+    uploads += [(path, path.name) for path in sorted(junk.iterdir())]
+    random.Random(3).shuffle(uploads)
+    commands = []
+    for number, (path, name) in enumerate(uploads):
+        commands += [f"put {storm} .hidden-{number}", f"put {storm} {name}.part-{number}.part", f"put {path} {name}"]
+    result = sshd.sftp(*commands)
+    assert result.returncode == 0, result.stderr[-2000:] + sshd.log()
+    # Then every one of the 200 becomes a run well before any rescan
+    wait_for(lambda: len(site.history()) == 200, timeout=120, what="200 runs from events alone")
+    # and, approved one by one, every archive installs: none is refused as a downgrade
+    runs = approve_until_finished(site, 200, timeout=900)
+    archives_run = sorted(
+        (run for run in runs if str(run["archive"]).startswith("gts.")), key=lambda run: float(str(run["started"]))
+    )
+    assert [run["outcome"] for run in archives_run] == ["succeeded"] * 30, [r["error"] for r in archives_run]
+    assert [run["archive"] for run in archives_run] == [f"gts.{version}.tgz" for version in versions]
+    assert site.status()["installed_version"] == "1.0.30"
+    # and the ignored files are still where they were uploaded, untouched
+    left = sorted(path.name for path in site.inbox.iterdir())
+    assert len(left) == 2 * len(uploads) and all(name.startswith(".hidden-") or name.endswith(".part") for name in left)
+
+
+@pytest.fixture
+def relaxed_sshd(tmp_path: Path, chroot: Path) -> Iterator[Sshd]:
+    folder = tmp_path / "sshd-relaxed"
+    folder.mkdir()
+    server = Sshd(folder, chroot, allow_links=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_shipped_drop_in_refuses_links_over_sftp(sftp_site: Site, sshd: Sshd) -> None:
+    junk = sftp_site.root / "junk.bin"
+    junk.write_bytes(b"x")
+    result = sshd.sftp(f"put {junk} a.part", "-symlink /dev/zero gts.1.0.1.tgz", "-ln a.part gts.1.0.2.tgz")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in sftp_site.inbox.iterdir()) == ["a.part"]
+
+
+def test_links_made_over_a_relaxed_sftp_are_refused_or_copied_and_rewriting_a_second_name_changes_nothing(
+    sftp_site: Site, relaxed_sshd: Sshd
+) -> None:
+    site = sftp_site
+    site.start_daemon()
+    # A symbolic link to a device, made by the uploader over sftp
+    result = relaxed_sshd.sftp("symlink /dev/zero gts.1.0.9.tgz")
+    assert result.returncode == 0, result.stderr + relaxed_sshd.log()
+    link_run = site.wait_outcome(1, timeout=60)
+    assert link_run["error"] == "gts.1.0.9.tgz is a symbolic link to /dev/zero; only regular files are taken"
+    assert Path(str(link_run["path"])).is_symlink()
+    # A signed archive uploaded under an ignored name, then hard-linked to its real name
+    archive = signed_archive(site, "1.0.1")
+    evil = site.root / "evil.bin"
+    evil.write_bytes(b"EVIL" * 1000)
+    result = relaxed_sshd.sftp(f"put {archive} keep.part", f"ln keep.part {archive.name}")
+    assert result.returncode == 0, result.stderr + relaxed_sshd.log()
+    wait_for(lambda: len(site.history()) == 2, timeout=60, what="the hard-linked archive to be taken")
+    # and rewritten through the name the uploader kept, after the take
+    result = relaxed_sshd.sftp(f"put {evil} keep.part")
+    assert result.returncode == 0, result.stderr
+    assert (site.inbox / "keep.part").read_bytes() == evil.read_bytes()
+    # Then the run installs the bytes that were uploaded, which it hashed and copied
+    run = site.wait_outcome(2, timeout=120)
+    assert run["outcome"] == "succeeded", run
+    assert run["sha256"] == sha256(archive)
+    assert site.status()["installed_version"] == "1.0.1"
