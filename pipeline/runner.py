@@ -292,14 +292,21 @@ class Runner(threading.Thread):
         source = Path(run.path)
         if not source.is_file():
             raise ControlRefused(f"the archive of run {run_id} is no longer at {source}")
-        new_id = self.journal.add_run(run.archive, spool=self.state_dir / "spool", arrived=self.now(), retry_of=run_id)
-        target = self.state_dir / "spool" / str(new_id) / run.archive
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
-        self.journal.update_run(new_id, sha256=run.sha256, size=run.size)
+        spool = self.state_dir / "spool"
+
+        def place(new_id: int) -> Path:
+            # Inside the journal's transaction: the new run never exists without its file and hash.
+            target = spool / str(new_id) / run.archive
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+            return target
+
+        new_id = self.journal.add_run(
+            run.archive, spool=spool, arrived=self.now(), retry_of=run_id, place=place, sha256=run.sha256, size=run.size
+        )
         self.event(new_id, "queued", f"retry of run {run_id}, asked by {who}")
         self.event(run_id, run.outcome or run.step, f"retried as run {new_id} by {who}")
         self.wake()
