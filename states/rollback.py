@@ -22,11 +22,14 @@ def run(ctx: StepContext) -> None:
             ctx.event("apply had not begun: the release and the data are unchanged, nothing to restore")
             maintenance.leave(ctx)  # only if this run had entered it
             return
-        maintenance.enter(ctx)
-        apply.revert(ctx)
+        with ctx.share(0.0, 0.1):  # each part fills its share of the bar, which never goes back
+            maintenance.enter(ctx)
+        with ctx.share(0.1, 0.2):
+            apply.revert(ctx)
         ctx.event(f"release {ctx.facts['previous_release']} is live again")
         if ctx.facts.get("backup_dir"):
-            backup.restore(ctx)
+            with ctx.share(0.2, 0.95):
+                backup.restore(ctx)
             ctx.event(f"data restored from {ctx.facts['backup_dir']}")
         maintenance.leave(ctx)
     except RollbackFailed:
