@@ -42,6 +42,9 @@ from pipeline.runner import Runner
 log = logging.getLogger("dropgate")
 
 MAIN_LOOP_SECONDS = 1.0
+# Files the daemon creates (journal, run logs, spooled and rejected archives) are group-readable for
+# the admin group (the state folder is setgid) and never world-readable, however it was started.
+UMASK = 0o027
 
 
 def notify(message: str) -> None:
@@ -216,6 +219,7 @@ class Daemon:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    os.umask(UMASK)  # the unit sets it too; started by hand, the shell's umask must not decide
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
     config = load_config(config_path(args.config))
