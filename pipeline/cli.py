@@ -1,8 +1,12 @@
 """The `dropgate` command (also `python -m pipeline`).
 
 Exit codes: 0 ok, 1 the thing asked for is not ok, 2 usage or configuration
-error, 3 daemon not reachable. Read-only commands work from the journal even
-when the daemon is down; commands that change something go through the daemon.
+error, 3 daemon not reachable (not running, or not answering: frozen or
+overloaded), 4 not allowed (this user may not read the configuration or the
+state folder, or use the control socket: root and the admin group may).
+Read-only commands work from the journal even when the daemon is down;
+commands that change something go through the daemon. Errors are one line,
+with names escaped (they may come from uploaders and archives).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError
+from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError, NotAllowed
+from pipeline.terminal import printable
 
-EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_ALLOWED = 0, 1, 2, 3, 4
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -120,13 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _handler(args.command)(args)
     except ConfigError as error:
-        print(f"dropgate: configuration error: {error}", file=sys.stderr)
+        print(f"dropgate: configuration error: {printable(error)}", file=sys.stderr)
         return EXIT_USAGE
     except DaemonUnreachable as error:
-        print(f"dropgate: {error}", file=sys.stderr)
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except NotAllowed as error:
+        print(f"dropgate: not allowed: {printable(error)}", file=sys.stderr)
+        return EXIT_NOT_ALLOWED
     except DropgateError as error:
-        print(f"dropgate: {error}", file=sys.stderr)
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
         return EXIT_NOT_OK
     except KeyboardInterrupt:
         return 130

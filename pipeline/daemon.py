@@ -27,14 +27,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from pipeline.config import Config, config_path, load_config
+from pipeline.config import Config, config_path
 from pipeline.control import ControlServer
 from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused
+from pipeline.heartbeat import beat
 from pipeline.http import StatusServer
 from pipeline.inbox import Inbox
 from pipeline.journal import Journal
 from pipeline.metrics import Metrics, write_textfile
 from pipeline.observers import Observers
+from pipeline.quickconfig import validate
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
@@ -142,6 +144,7 @@ class Daemon:
         config = self.config
         check_paths(config)
         with state_lock(config.paths.state):
+            beat(config.paths.state)  # `status` must not read a previous daemon's old heartbeat as ours
             journal = Journal(config.paths.state / JOURNAL_NAME)
             registry = CollectorRegistry()
             metrics = Metrics(registry)
@@ -198,9 +201,17 @@ class Daemon:
         interval = watchdog_interval()
         period = min(MAIN_LOOP_SECONDS, interval) if interval else MAIN_LOOP_SECONDS
         last_status = ""
+        beat_failed = False
         while self.runner.is_alive():
             now = time.time()
             metrics.heartbeat.set(now)
+            try:
+                beat(self.config.paths.state)
+                beat_failed = False
+            except OSError as error:
+                if not beat_failed:  # once, not every second
+                    log.warning("heartbeat: cannot touch it in %s: %s", self.config.paths.state, error)
+                beat_failed = True
             metrics.set_platform_version(installed_version(self.config.platform.root))
             if interval:
                 notify("WATCHDOG=1")
@@ -222,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.umask(UMASK)  # the unit sets it too; started by hand, the shell's umask must not decide
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    config = load_config(config_path(args.config))
+    config = validate(config_path(args.config))  # and record it for the read-only commands
     try:
         return Daemon(config).run()
     except AlreadyRunning as error:

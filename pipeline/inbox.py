@@ -88,23 +88,6 @@ class Candidate:
     announced: int | None = None
 
 
-def list_uploads(config: Config, *, announced: AnnouncedLength = announced_length) -> list[dict[str, Any]]:
-    """Files in the inbox that are shorter than they announce (for `status` when the daemon is down)."""
-    uploads = []
-    try:
-        entries = sorted(os.scandir(config.paths.inbox), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if is_ignored(entry.name, config.inbox.ignore) or not entry.is_file(follow_symlinks=False):
-            continue
-        size = entry.stat(follow_symlinks=False).st_size
-        total = announced(Path(entry.path))
-        if total is not None and size < total:
-            uploads.append({"name": entry.name, "bytes": size, "total": total})
-    return uploads
-
-
 class _Hints(FileSystemEventHandler):
     def __init__(self, inbox: Inbox) -> None:
         self.inbox = inbox
