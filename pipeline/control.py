@@ -167,7 +167,11 @@ class ControlServer(threading.Thread):
                 conn.settimeout(None)  # the answer may wait for a whole rollback
                 expires = request.get("expires")
                 if isinstance(expires, int | float) and not isinstance(expires, bool) and time.time() > expires:
-                    log.warning("control: %s's %s came after its sender stopped waiting; not done", who, request)
+                    log.warning(
+                        "control: %s from %s came after its sender had stopped waiting: not done",
+                        request.get("command"),
+                        who,
+                    )
                     self._answer(conn, False, "the request came after its sender had stopped waiting: nothing was done")
                     return
                 message = self.handler(request, who)
