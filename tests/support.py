@@ -142,3 +142,19 @@ class SilentServer:
         self._socket.close()
         for conn in self.connections:
             conn.close()
+
+
+def rendered(url: str, profile: Path) -> str:
+    """A page's DOM after its scripts ran, as headless chromium built it (enforcing the page's CSP)."""
+    from tests.conftest import require_tool
+
+    chromium = require_tool("chromium")
+    result = subprocess.run(
+        [
+            chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

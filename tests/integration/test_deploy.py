@@ -736,6 +736,7 @@ def test_nginx_serves_the_maintenance_page_while_the_flag_exists_and_the_status_
     status, _, body = http_get(f"{url}/dropgate/")
     assert status == 200
     assert "<html" in body.lower()
+    assert [http_get(f"{url}/dropgate/{asset}")[0] for asset in ("status.js", "status.css")] == [200, 200]
     status, _, body = http_get(f"{url}/dropgate/status.json")
     assert status == 200
     assert json.loads(body)["gate"] == "idle"
