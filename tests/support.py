@@ -85,11 +85,13 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 
 
 def fill_filesystem(path: Path) -> Path:
-    """Write the file `path` until its filesystem has no space left (another writer taking it all)."""
-    with open(path, "wb") as handle, contextlib.suppress(OSError):
+    """Write the file `path` until its filesystem has no space left (another writer taking it all).
+
+    Unbuffered: a partial last write leaves nothing in a buffer for close() to fail on.
+    """
+    with open(path, "wb", buffering=0) as handle, contextlib.suppress(OSError):
         while True:
             handle.write(b"\0" * 65536)
-            handle.flush()
     return path
 
 
