@@ -24,6 +24,7 @@ from pipeline.snapshot import (
     snapshot_dir,
     verify_snapshot,
 )
+from pipeline.terminal import printable
 
 EXIT_OK, EXIT_NOT_OK = 0, 1
 
@@ -98,7 +99,7 @@ def _verify(*, backups: Path, run_id: int | None, as_json: bool) -> int:
     elif problems:
         print(f"snapshot of run {run_id} ({dest}) FAILED verification:")
         for problem in problems:
-            print(f"  {problem}")
+            print(f"  {printable(problem)}")
     else:
         print(f"snapshot of run {run_id} ({dest}) verified: {info.files:,} files, {format_bytes(info.bytes)}")
     return EXIT_OK if not problems else EXIT_NOT_OK

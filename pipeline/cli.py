@@ -1,10 +1,14 @@
 """The `dropgate` command (also `python -m pipeline`).
 
 Exit codes: 0 ok, 1 the thing asked for is not ok, 2 usage or configuration
-error, 3 daemon not reachable, 5 the journal is missing or damaged (the
-gate's state is unknown; `run` refuses to start, see `pipeline.evidence`).
+error, 3 daemon not reachable (not running, or not answering: frozen or
+overloaded), 4 not allowed (this user may not read the configuration or the
+state folder, or use the control socket: root and the admin group may),
+5 the journal is missing or damaged (the gate's state is unknown; `run`
+refuses to start, see `pipeline.evidence`).
 Read-only commands work from the journal even when the daemon is down;
-commands that change something go through the daemon.
+commands that change something go through the daemon. Errors are one line,
+with names escaped (they may come from uploaders and archives).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError, JournalDamaged, JournalMissing
+from pipeline.errors import ConfigError, DaemonUnreachable, DropgateError, JournalDamaged, JournalMissing, NotAllowed
+from pipeline.terminal import printable
 
-EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_ALLOWED = 0, 1, 2, 3, 4
 EXIT_NO_JOURNAL = 5  # same value as pipeline.evidence.EXIT_NO_JOURNAL (not imported: the CLI starts light)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -128,16 +133,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _handler(args.command)(args)
     except ConfigError as error:
-        print(f"dropgate: configuration error: {error}", file=sys.stderr)
+        print(f"dropgate: configuration error: {printable(error)}", file=sys.stderr)
         return EXIT_USAGE
     except DaemonUnreachable as error:
-        print(f"dropgate: {error}", file=sys.stderr)
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except (JournalMissing, JournalDamaged) as error:
-        print(f"dropgate: {error}", file=sys.stderr)
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
         return EXIT_NO_JOURNAL
+    except NotAllowed as error:
+        print(f"dropgate: not allowed: {printable(error)}", file=sys.stderr)
+        return EXIT_NOT_ALLOWED
     except DropgateError as error:
-        print(f"dropgate: {error}", file=sys.stderr)
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
         return EXIT_NOT_OK
     except KeyboardInterrupt:
         return 130

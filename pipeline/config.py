@@ -25,9 +25,8 @@ from pydantic import (
     field_validator,
 )
 
-from pipeline.errors import ConfigError
-
-DEFAULT_CONFIG_PATH = Path("/etc/dropgate/dropgate.yaml")
+from pipeline.errors import ConfigError, NotAllowed
+from pipeline.quickconfig import DEFAULT_CONFIG_PATH, config_path  # noqa: F401 (here since the schema was)
 
 STEPS = ("validate", "prereq", "approval", "window", "backup", "maintenance", "apply", "verify")
 
@@ -427,8 +426,17 @@ def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path`."""
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError as error:
+        raise NotAllowed(
+            f"cannot read the configuration {path}: permission denied (it is for root and the admin group)"
+        ) from error
     except OSError as error:
         raise ConfigError([f"cannot read the configuration: {error.strerror}"], str(path)) from error
+    return config_from_text(text, path)
+
+
+def config_from_text(text: str, path: Path) -> Config:
+    """Validate the text of the configuration file at `path`."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -436,11 +444,3 @@ def load_config(path: Path) -> Config:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError([f"{where}not valid YAML ({getattr(error, 'problem', error)})"], str(path)) from None
     return parse_config(raw, base=path.resolve().parent, source=str(path))
-
-
-def config_path(explicit: str | None) -> Path:
-    """`--config`, else `$DROPGATE_CONFIG`, else /etc/dropgate/dropgate.yaml."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("DROPGATE_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG_PATH

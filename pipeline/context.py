@@ -9,7 +9,8 @@ its time limit and a shutdown can stop it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +56,11 @@ class StepContext:
     deadline: float | None = None
     now: Callable[[], float] = time.time
 
+    def __post_init__(self) -> None:
+        # The part of the step's bar that progress reported now fills (see `share`), and how far it got.
+        self._span: tuple[float, float] = (0.0, 1.0)
+        self._reached = 0.0
+
     # -- reporting -------------------------------------------------------
     def event(self, message: str) -> None:
         """A line in the run's history (journal), the run log and `show`."""
@@ -65,8 +71,27 @@ class StepContext:
         self.reporter.log(self.run_id, line)
 
     def progress(self, ratio: float, message: str | None = None) -> None:
-        """Progress within this step, 0..1 (shown in status, the page and the metrics)."""
-        self.reporter.progress(self.run_id, self.step, min(1.0, max(0.0, ratio)), message)
+        """Progress within this step, 0..1 (shown in status, the page and the metrics).
+
+        Inside `share(low, high)` the ratio fills only that part of the bar. What
+        is shown never goes back: a lower report keeps the bar where it was.
+        """
+        low, high = self._span
+        mapped = low + (high - low) * min(1.0, max(0.0, ratio))
+        self._reached = max(self._reached, mapped)
+        self.reporter.progress(self.run_id, self.step, self._reached, message)
+
+    @contextmanager
+    def share(self, low: float, high: float) -> Iterator[None]:
+        """Progress reported inside the block (by the step, or by a command's DROPGATE_PROGRESS_FD)
+        fills [low, high] of the current part of the bar: a migration's own 0..1 is its share of apply."""
+        outer = self._span
+        width = outer[1] - outer[0]
+        self._span = (outer[0] + width * low, outer[0] + width * high)
+        try:
+            yield
+        finally:
+            self._span = outer
 
     def save_facts(self, **facts: Any) -> None:
         """Record facts now (not only at the end of the step): they must survive a crash."""

@@ -3,7 +3,13 @@
 A Unix stream socket in the state folder, mode 0660, group `control.admin_group`;
 the peer's credentials are checked again on every connection (root, the
 daemon's own user, or a member of the admin group). One JSON request per
-connection, one JSON answer.
+connection, one JSON answer (`reason: "not_allowed"` when the peer may not).
+
+A request may say until when its sender waits (`expires`, epoch seconds): the
+daemon does not start a request that arrives later (a frozen daemon that
+thaws must not approve what its operator was told had failed). The client
+gives up after that moment, unless the daemon already works on it (a
+rollback, for as long as the daemon's heartbeat says it is alive).
 """
 
 from __future__ import annotations
@@ -19,23 +25,35 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, config_path, load_config
-from pipeline.errors import ControlRefused, DaemonUnreachable
+from pipeline.errors import ControlRefused, DaemonUnreachable, NotAllowed
+from pipeline.heartbeat import STALE_SECONDS, last_beat
+from pipeline.quickconfig import config_path, load_quick
+from pipeline.terminal import printable
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.quickconfig import SiteConfig
 
 log = logging.getLogger("dropgate")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 REQUEST_SECONDS = 10.0
+# How long the client waits for an answer; the daemon starts no request older than that.
+PATIENCE_SECONDS = 15.0
+ANSWER_GRACE_SECONDS = 2.0  # a request started just before it expired still gets its answer
+CONNECT_SECONDS = 5.0
+NOT_ALLOWED = "not_allowed"
 
 Handler = Callable[[dict[str, Any], str], str]
 
 
-def socket_path(config: Config) -> Path:
+def socket_path(config: SiteConfig) -> Path:
     return config.paths.state / SOCKET_NAME
 
 
@@ -137,13 +155,25 @@ class ControlServer(threading.Thread):
             who = f"{_user_name(uid)} (pid {pid})"
             if not self._allowed(pid, uid, gid):
                 self._answer(
-                    conn, False, f"{_user_name(uid)} may not control dropgate (need root or group {self.group})"
+                    conn,
+                    False,
+                    f"{_user_name(uid)} may not control dropgate (need root or group {self.group})",
+                    reason=NOT_ALLOWED,
                 )
                 return
             try:
                 conn.settimeout(REQUEST_SECONDS)  # a silent client must not hold a thread forever
                 request = self._read(conn)
                 conn.settimeout(None)  # the answer may wait for a whole rollback
+                expires = request.get("expires")
+                if isinstance(expires, int | float) and not isinstance(expires, bool) and time.time() > expires:
+                    log.warning(
+                        "control: %s from %s came after its sender had stopped waiting: not done",
+                        request.get("command"),
+                        who,
+                    )
+                    self._answer(conn, False, "the request came after its sender had stopped waiting: nothing was done")
+                    return
                 message = self.handler(request, who)
             except ControlRefused as refused:
                 self._answer(conn, False, str(refused))
@@ -165,9 +195,12 @@ class ControlServer(threading.Thread):
         return request
 
     @staticmethod
-    def _answer(conn: socket.socket, ok: bool, message: str) -> None:
+    def _answer(conn: socket.socket, ok: bool, message: str, *, reason: str | None = None) -> None:
+        answer: dict[str, Any] = {"ok": ok, "message": message}
+        if reason is not None:
+            answer["reason"] = reason
         with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"ok": ok, "message": message}).encode() + b"\n")
+            conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def stop(self) -> None:
         self._stop.set()
@@ -176,11 +209,33 @@ class ControlServer(threading.Thread):
             self.path.unlink()
 
 
-def send(config: Config, request: dict[str, Any], *, timeout: float | None = 30.0) -> tuple[bool, str]:
-    """Send one request to the running daemon; DaemonUnreachable when none answers."""
+def _silence(config: SiteConfig) -> str:
+    """What the heartbeat says about a daemon that does not answer."""
+    beat = last_beat(config.paths.state)
+    if beat is None:
+        return "it has no heartbeat"
+    return f"its main loop last beat {max(0.0, time.time() - beat):.0f} s ago"
+
+
+def _heartbeat_fresh(config: SiteConfig) -> bool:
+    beat = last_beat(config.paths.state)
+    return beat is not None and time.time() - beat <= STALE_SECONDS
+
+
+def send(
+    config: SiteConfig, request: dict[str, Any], *, patience: float = PATIENCE_SECONDS, long_running: bool = False
+) -> tuple[bool, str]:
+    """Send one request to the running daemon and wait for its answer.
+
+    DaemonUnreachable when none runs, or none answers within `patience` seconds
+    (the daemon will then not start the request either); NotAllowed when this
+    user may not use the socket. A `long_running` request (a rollback) is
+    waited for past `patience` as long as the daemon's heartbeat is fresh.
+    """
     path = socket_path(config)
+    expires = time.time() + patience
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock.settimeout(CONNECT_SECONDS)
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError) as error:
@@ -191,25 +246,54 @@ def send(config: Config, request: dict[str, Any], *, timeout: float | None = 30.
         ) from error
     except PermissionError as error:
         sock.close()
-        raise DaemonUnreachable(
+        raise NotAllowed(
             f"no permission to use {path}: run as root or as a member of group {config.control.admin_group}"
         ) from error
+    except OSError as error:  # a full listen queue: the daemon accepts nothing
+        sock.close()
+        raise DaemonUnreachable(
+            f"the dropgate daemon does not accept connections on {path} ({_silence(config)}): "
+            "it is frozen or overloaded; see `dropgate status`"
+        ) from error
     with sock:
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = read_line(sock)
+        sock.settimeout(1.0)
+        sock.sendall(json.dumps({**request, "expires": expires}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                late = time.time() > expires + ANSWER_GRACE_SECONDS
+                if late and not (long_running and _heartbeat_fresh(config)):
+                    what = "nothing was done" if not long_running else "if it had begun, it goes on when it can"
+                    raise DaemonUnreachable(
+                        f"the dropgate daemon did not answer within {patience:.0f} s ({_silence(config)}): "
+                        f"it is frozen or overloaded; {what}. See `dropgate status`"
+                    ) from None
+                continue
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise DaemonUnreachable(f"the daemon's answer on {path} is too long")
     if not data:
         raise DaemonUnreachable(f"the daemon closed {path} without answering (is it stopping?)")
-    answer = json.loads(data)
+    try:
+        answer = json.loads(data)
+    except ValueError as error:
+        raise DaemonUnreachable(f"the daemon's answer on {path} is not JSON: {data[:200]!r}") from error
+    if answer.get("reason") == NOT_ALLOWED:
+        raise NotAllowed(str(answer["message"]))
     return bool(answer["ok"]), str(answer["message"])
 
 
-def _command(args: argparse.Namespace, request: dict[str, Any], *, timeout: float | None = 30.0) -> int:
-    config = load_config(config_path(args.config))
-    ok, message = send(config, request, timeout=timeout)
+def _command(args: argparse.Namespace, request: dict[str, Any], *, long_running: bool = False) -> int:
+    config = load_quick(config_path(args.config))
+    ok, message = send(config, request, long_running=long_running)
     if ok:
-        print(message)
+        print(printable(message))
     else:
-        print(f"dropgate: {message}", file=sys.stderr)
+        print(f"dropgate: {printable(message)}", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -226,5 +310,5 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    # A rollback can take as long as a restore: wait for its answer without a time limit.
-    return _command(args, {"command": "rollback", "id": args.id}, timeout=None)
+    # A rollback can take as long as a restore: wait for its answer while the daemon is alive.
+    return _command(args, {"command": "rollback", "id": args.id}, long_running=True)

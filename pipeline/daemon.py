@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from pipeline.config import Config, config_path, load_config
+from pipeline.config import Config, config_path
 from pipeline.control import ControlServer
 from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused, JournalDamaged, JournalMissing
 from pipeline.evidence import EXIT_NO_JOURNAL, check_memory, refuse_to_replace, start_afresh
+from pipeline.heartbeat import beat
 from pipeline.http import StatusServer
 from pipeline.inbox import Inbox
 from pipeline.journal import Journal, check_intact
@@ -40,6 +41,7 @@ from pipeline.metrics import Metrics, write_textfile
 from pipeline.observers import Observers
 from pipeline.orphans import sweep_orphans
 from pipeline.process import record_commands_in
+from pipeline.quickconfig import validate
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dropgate")
 
 MAIN_LOOP_SECONDS = 1.0
+# Files the daemon creates (journal, run logs, spooled and rejected archives) are group-readable for
+# the admin group (the state folder is setgid) and never world-readable, however it was started.
+UMASK = 0o027
 
 
 def notify(message: str) -> None:
@@ -166,6 +171,7 @@ class Daemon:
         else:
             refuse_to_replace(journal_path)
         with state_lock(config.paths.state):
+            beat(config.paths.state)  # `status` must not read a previous daemon's old heartbeat as ours
             if self.fresh_journal is not None:
                 journal = start_afresh(config, self.fresh_journal)
                 log.warning("%s", journal.gate_events()[-1]["message"])
@@ -237,9 +243,17 @@ class Daemon:
         interval = watchdog_interval()
         period = min(MAIN_LOOP_SECONDS, interval) if interval else MAIN_LOOP_SECONDS
         last_status = ""
+        beat_failed = False
         while self.runner.is_alive():
             now = time.time()
             metrics.heartbeat.set(now)
+            try:
+                beat(self.config.paths.state)
+                beat_failed = False
+            except OSError as error:
+                if not beat_failed:  # once, not every second
+                    log.warning("heartbeat: cannot touch it in %s: %s", self.config.paths.state, error)
+                beat_failed = True
             metrics.set_platform_version(installed_version(self.config.platform.root))
             if interval:
                 notify("WATCHDOG=1")
@@ -258,9 +272,10 @@ class Daemon:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    os.umask(UMASK)  # the unit sets it too; started by hand, the shell's umask must not decide
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    config = load_config(config_path(args.config))
+    config = validate(config_path(args.config))  # and record it for the read-only commands
     fresh_journal = getattr(args, "fresh_journal", None)
     if fresh_journal is not None and not fresh_journal.strip():
         print("dropgate: --fresh-journal needs a note saying why the history starts again", file=sys.stderr)

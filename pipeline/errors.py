@@ -52,6 +52,10 @@ class DaemonUnreachable(DropgateError):
     """The command needs the running daemon and none answers on the control socket."""
 
 
+class NotAllowed(DropgateError):
+    """The caller may not do this: not root, not in the admin group (exit code 4)."""
+
+
 class AlreadyRunning(DropgateError):
     """Another daemon holds the lock on this state folder."""
 

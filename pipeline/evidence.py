@@ -17,10 +17,13 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.config import Config
 from pipeline.errors import ConfigError, JournalMissing
 from pipeline.journal import Journal
+
+if TYPE_CHECKING:
+    from pipeline.quickconfig import SiteConfig as Config
 
 EXIT_NO_JOURNAL = 5
 JOURNAL_NAME = "journal.db"

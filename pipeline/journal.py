@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS gate_events (
     kind    TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS runs_open ON runs(outcome, resolved);
 """
 
 # Columns added after the first release: (table, column, declaration), added when missing.
@@ -199,6 +200,26 @@ def _row_to_run(row: sqlite3.Row) -> Run:
     return Run(**values)
 
 
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection, also for a user who may not write the state folder (an admin).
+
+    While the daemon runs, its -wal and -shm files exist and a reader only reads
+    them. When it stopped cleanly they are gone and SQLite would have to create
+    the -shm file to read a WAL database; a reader who may not is given the
+    database as immutable, which is exact then: with no -wal file, every
+    committed transaction is in the main file.
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+    try:
+        db.execute("PRAGMA schema_version").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        if os.path.exists(f"{path}-wal"):
+            raise
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
+
+
 class Journal:
     """Thread-safe access to the journal database (one connection, one lock)."""
 
@@ -208,7 +229,7 @@ class Journal:
         self._lock = threading.RLock()
         try:
             if readonly:
-                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+                self._db = _open_readonly(path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if check_intact(path) is None:

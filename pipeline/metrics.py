@@ -136,7 +136,7 @@ class Metrics(Observer):
         self.blocked.set(1 if gate == "blocked" else 0)
 
     def step_started(self, run: Run, step: str, started: float, deadline: float | None) -> None:
-        self.gate.state("busy")
+        # The gate is not set here: it follows gate_changed alone, which the runner calls on every change.
         self.step.state(step)
         self.step_started_at.set(started)
         self.step_deadline_at.set(deadline or 0.0)

@@ -58,6 +58,7 @@ from pipeline.evidence import site_evidence
 from pipeline.probes import Probe
 from pipeline.release import current_release, installed_version, plan_downtime
 from pipeline.report import daemon_pid, open_journal
+from pipeline.terminal import printable
 from states.prereq import (
     BackupEstimate,
     Check,
@@ -615,14 +616,15 @@ def render(report: Report, width: int = WIDTH) -> str:
     else:
         verdict = "not ready" if report.preview is None else "this update would be rejected"
     lines += ["", f"{counts['critical']} critical, {counts['notice']} notice(s), {counts['ok']} ok: {verdict}"]
-    return "\n".join(line.rstrip() for line in lines)
+    # Each element is one line; a name from the archive or the disk cannot add or rewrite one.
+    return "\n".join(printable(line.rstrip()) for line in lines)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     archive = Path(args.archive) if args.archive else None
     if archive is not None and not archive.is_file():
-        print(f"dropgate: {archive}: no such archive", file=sys.stderr)
+        print(f"dropgate: {printable(archive)}: no such archive", file=sys.stderr)
         return EXIT_USAGE
     report = build_report(config, archive)
     if args.json:

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.config import config_path, load_config
 from pipeline.errors import DropgateError
 from pipeline.versions import Version
 
@@ -177,6 +176,8 @@ def _adopted_version(source: Path, explicit: str | None) -> str | None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """`dropgate init [--adopt DIR] [--version V] [--copy]`: the folders, and optionally the first release."""
+    from pipeline.config import config_path, load_config  # here: `status` reads releases without the schema
+
     config = load_config(config_path(args.config))
     root = config.platform.root
     source = Path(args.adopt) if args.adopt else None

@@ -1,7 +1,13 @@
 """What the operator reads: `status`, `history`, `show`, and `/status.json`.
 
-Everything comes from the journal (and a look at the inbox and the lock), so
-it works the same whether the daemon is up or down, and says which.
+Everything comes from the journal (and a look at the inbox, the lock and the
+heartbeat), so it works the same whether the daemon is up, down or frozen,
+and says which. Whatever this user may not read (the inbox is the upload
+group's) is reported as such under `unreadable`. Names and reasons are
+printed through `printable`: they come from uploaders and archives.
+
+These commands start without the configuration schema (see quickconfig) and
+without the daemon's libraries: keep imports here light.
 """
 
 from __future__ import annotations
@@ -14,14 +20,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.changes import describe_changes
-from pipeline.config import Config, config_path, load_config
-from pipeline.errors import DropgateError, JournalMissing
+from pipeline.errors import DropgateError, JournalMissing, NotAllowed
+from pipeline.heartbeat import STALE_SECONDS, last_beat
 from pipeline.journal import Journal, Run, check_header
+from pipeline.quickconfig import QuickConfig, config_path, load_quick
 from pipeline.release import installed_version
 from pipeline.runlog import tail
+from pipeline.terminal import printable
+
+if TYPE_CHECKING:
+    from pipeline.quickconfig import SiteConfig
 
 LOCK_NAME = "dropgate.lock"
 JOURNAL_NAME = "journal.db"
@@ -46,9 +57,15 @@ def daemon_pid(state: Path) -> int | None:
         os.close(fd)
 
 
-def open_journal(config: Config) -> Journal | None:
+def open_journal(config: SiteConfig) -> Journal | None:
     """The journal, read-only; a missing or empty one is JournalMissing: without it the gate is unknown, not idle."""
-    path = config.paths.state / JOURNAL_NAME
+    state = config.paths.state
+    if os.path.isdir(state) and not os.access(state, os.R_OK | os.X_OK):
+        raise NotAllowed(
+            f"cannot read the state folder {state}: permission denied "
+            f"(the read-only commands are for root and group {config.control.admin_group})"
+        )
+    path = state / JOURNAL_NAME
     try:
         empty = path.stat().st_size == 0
     except FileNotFoundError:
@@ -62,6 +79,8 @@ def open_journal(config: Config) -> Journal | None:
 
 
 def describe_change(run: Run) -> str:
+    if run.outcome == "rolled_back":
+        return "changed, then restored by the rollback (release, data and services as before the run)"
     return describe_changes(run.platform_changed, run.facts)
 
 
@@ -71,8 +90,56 @@ def run_view(run: Run) -> dict[str, Any]:
     return view
 
 
+def daemon_liveness(state: Path, now: float) -> dict[str, Any]:
+    """Whether a daemon holds the lock, and whether its main loop still beats (a frozen one does not)."""
+    pid = daemon_pid(state)
+    beat = last_beat(state)
+    age = max(0.0, now - beat) if beat is not None else None
+    responding = None if pid is None or age is None else age <= STALE_SECONDS
+    return {"running": pid is not None, "pid": pid, "heartbeat": beat, "heartbeat_age": age, "responding": responding}
+
+
+def list_uploads(config: SiteConfig, unreadable: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Files in the inbox that are shorter than they announce (uploads in progress).
+
+    Each entry is opened once, as the daemon does (`pipeline.inbox.files`: no link
+    followed, no FIFO waited on). An inbox this user may not list (it belongs to the
+    upload group) is noted in `unreadable`, not raised: the rest of the status is
+    still worth reading.
+    """
+    inbox = config.paths.inbox
+    if os.path.isdir(inbox) and not os.access(inbox, os.R_OK | os.X_OK):
+        unreadable.append({"what": "inbox", "path": str(inbox), "error": "permission denied"})
+        return []
+    from pipeline.inbox.files import list_uploads as uploads_in
+
+    return uploads_in(config)
+
+
+def _installed(config: SiteConfig, unreadable: list[dict[str, str]]) -> str | None:
+    root = config.platform.root
+    version = installed_version(root)
+    if version is None:
+        try:
+            os.lstat(root / "current")
+        except PermissionError:
+            unreadable.append({"what": "platform", "path": str(root), "error": "permission denied"})
+        except OSError:
+            pass
+    return version
+
+
+def _log_tail(config: SiteConfig, run_id: int, lines: int, unreadable: list[dict[str, str]]) -> list[str]:
+    path = config.paths.state / "runs" / f"{run_id}.log"
+    try:
+        return tail(path, lines)
+    except PermissionError:
+        unreadable.append({"what": "run log", "path": str(path), "error": "permission denied"})
+        return []
+
+
 def status_dict(
-    config: Config,
+    config: SiteConfig,
     journal: Journal | None,
     *,
     now: Callable[[], float] = time.time,
@@ -82,18 +149,20 @@ def status_dict(
 
     `uploads`: the daemon's own view of the uploads in progress; without it the inbox is looked at.
     """
-    from pipeline.inbox import list_uploads, start_order
+    from pipeline.inbox.order import start_order
 
-    pid = daemon_pid(config.paths.state)
+    moment = now()
+    unreadable: list[dict[str, str]] = []
     result: dict[str, Any] = {
         "gate": "idle",
-        "daemon": {"running": pid is not None, "pid": pid},
+        "daemon": daemon_liveness(config.paths.state, moment),
         "run": None,
         "queued": [],
-        "uploading": list_uploads(config) if uploads is None else list(uploads),
-        "installed_version": installed_version(config.platform.root),
+        "uploading": list_uploads(config, unreadable) if uploads is None else list(uploads),
+        "installed_version": _installed(config, unreadable),
         "blocked_by": [],
-        "now": now(),
+        "now": moment,
+        "unreadable": unreadable,
     }
     if journal is None:
         return result
@@ -109,7 +178,10 @@ def status_dict(
         view["events"] = [{"ts": e.ts, "step": e.step, "message": e.message} for e in journal.events(current.id)[-8:]]
         view["notes"] = (current.facts.get("manifest") or {}).get("notes")
         view["steps"] = journal.step_timings(current.id)
-        view["log_tail"] = tail(config.paths.state / "runs" / f"{current.id}.log", 20)
+        view["log_tail"] = _log_tail(config, current.id, 20, unreadable)
+        deadline = current.step_deadline if current.active else None
+        view["overdue"] = deadline is not None and moment > deadline
+        view["overdue_seconds"] = moment - deadline if deadline is not None and moment > deadline else None
         result["run"] = view
     result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in start_order(journal.queued())]
     result["blocked_by"] = [{"id": r.id, "outcome": r.outcome, "error": r.error} for r in blocking]
@@ -129,46 +201,76 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def render_status(status: dict[str, Any]) -> str:
+def _red(text: str, color: bool) -> str:
+    return f"\x1b[1;31m{text}\x1b[0m" if color else text
+
+
+def _daemon_line(daemon: dict[str, Any], color: bool) -> str:
+    if not daemon["running"]:
+        return _red("NOT RUNNING", color)
+    if daemon.get("responding") is False:
+        beat = time.strftime("%H:%M:%S", time.localtime(daemon["heartbeat"]))
+        return _red(f"NOT RESPONDING for {_ago(daemon['heartbeat_age'])}", color) + (
+            f" (pid {daemon['pid']}: frozen or overloaded; its main loop last beat at {beat})"
+        )
+    return f"running (pid {daemon['pid']})"
+
+
+def render_status(status: dict[str, Any], *, color: bool = False) -> str:
+    """`status` as text; every name and reason escaped, what is wrong in red when `color`."""
+    p = printable
     lines = []
     daemon = status["daemon"]
-    alive = f"running (pid {daemon['pid']})" if daemon["running"] else "NOT RUNNING"
-    lines.append(f"gate:      {status['gate']}    daemon: {alive}")
-    lines.append(f"installed: {status['installed_version'] or '(none)'}")
+    lines.append(f"gate:      {status['gate']}    daemon: {_daemon_line(daemon, color)}")
+    lines.append(f"installed: {p(status['installed_version'] or '(none)')}")
     run = status["run"]
     if run is not None:
-        versions = f"{run['from_version'] or '?'} → {run['to_version'] or '?'}"
+        versions = f"{p(run['from_version'] or '?')} → {p(run['to_version'] or '?')}"
         state = run["outcome"] or f"in {run['step']}"
-        lines.append(f"run {run['id']}:    {run['archive']} ({versions}) {state}")
+        lines.append(f"run {run['id']}:    {p(run['archive'])} ({versions}) {state}")
         if run["outcome"] is None and run["step"] != "queued":
             since = status["now"] - (run["step_started"] or status["now"])
             progress = "" if run["progress"] is None else f", {run['progress'] * 100:.0f}%"
-            message = f" ({run['progress_message']})" if run["progress_message"] else ""
-            deadline = f", time limit in {_ago(run['step_deadline'] - status['now'])}" if run["step_deadline"] else ""
+            message = f" ({p(run['progress_message'])})" if run["progress_message"] else ""
+            deadline = ""
+            if run.get("overdue"):
+                deadline = ", " + _red(f"OVERDUE by {_ago(run['overdue_seconds'])}", color)
+                deadline += f" (its time limit passed at {_when(run['step_deadline'])})"
+            elif run["step_deadline"]:
+                deadline = f", time limit in {_ago(run['step_deadline'] - status['now'])}"
             lines.append(f"  step:    {run['step']} for {_ago(since)}{progress}{message}{deadline}")
             if not daemon["running"]:
                 lines.append(
                     "  WARNING: no daemon is running: this run is not progressing (it is settled at the next start)"
                 )
+            elif daemon.get("responding") is False:
+                lines.append("  WARNING: the daemon is not responding: this run is not progressing")
         lines.append(f"  platform: {run['platform']}" + (", maintenance ON" if run["maintenance"] else ""))
         if run["downtime"] is not None:
-            lines.append(f"  downtime: {'yes' if run['downtime'] else 'no'} ({run['downtime_reason']})")
+            lines.append(f"  downtime: {'yes' if run['downtime'] else 'no'} ({p(run['downtime_reason'])})")
         if run["error"]:
-            lines.append(f"  error:   {run['error']}")
+            lines.append(f"  error:   {p(run['error'])}")
     for blocker in status["blocked_by"]:
         lines.append(
             f"BLOCKED by run {blocker['id']} ({blocker['outcome']}): after repair, "
             f"`dropgate resolve {blocker['id']} --note ...` (or `dropgate rollback {blocker['id']}` first)"
         )
     for upload in status["uploading"]:
-        lines.append(f"uploading: {upload['name']} {upload['bytes']} of {upload['total']} bytes")
+        lines.append(f"uploading: {p(upload['name'])} {upload['bytes']} of {upload['total']} bytes")
     for queued in status["queued"]:
-        lines.append(f"queued:    run {queued['id']} {queued['archive']} (since {_when(queued['arrived'])})")
+        lines.append(f"queued:    run {queued['id']} {p(queued['archive'])} (since {_when(queued['arrived'])})")
+    for part in status.get("unreadable", []):
+        lines.append(f"not shown: {part['what']} {p(part['path'])}: {part['error']} for this user")
     return "\n".join(lines)
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
+def _color(stream: Any) -> bool:
+    """Red for what is wrong, on a terminal that wants it (https://no-color.org)."""
+    return bool(stream.isatty()) and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _load(args: argparse.Namespace) -> QuickConfig:
+    return load_quick(config_path(args.config))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -183,10 +285,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2, default=str))
         elif args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status) + "\n")
+            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status, color=_color(sys.stdout)) + "\n")
             sys.stdout.flush()
         else:
-            print(render_status(status))
+            print(render_status(status, color=_color(sys.stdout)))
         if not args.watch:
             return 0
         time.sleep(args.interval)
@@ -204,11 +306,11 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 0
     print(f"{'id':>5}  {'arrived':19}  {'archive':32}  {'versions':20}  outcome")
     for run in runs:
-        versions = f"{run.from_version or '?'} → {run.to_version or '?'}" if run.to_version else "-"
+        versions = printable(f"{run.from_version or '?'} → {run.to_version or '?'}") if run.to_version else "-"
         outcome = run.outcome or f"({run.step})"
         if run.blocking:
             outcome += " BLOCKING"
-        print(f"{run.id:>5}  {_when(run.arrived):19}  {run.archive[:32]:32}  {versions:20}  {outcome}")
+        print(f"{run.id:>5}  {_when(run.arrived):19}  {printable(run.archive)[:32]:32}  {versions:20}  {outcome}")
     return 0
 
 
@@ -227,24 +329,29 @@ def cmd_show(args: argparse.Namespace) -> int:
         view["steps"] = timings
         view["facts"] = run.facts
         if args.log:
-            view["log"] = tail(log_path, args.lines)
+            unreadable: list[dict[str, str]] = []
+            view["log"] = _log_tail(config, run.id, args.lines, unreadable)
+            view["unreadable"] = unreadable
         print(json.dumps(view, indent=2, default=str))
         return 0
-    versions = f"{run.from_version or '?'} → {run.to_version or '?'}"
-    print(f"run {run.id}: {run.archive} ({versions})")
+    p = printable
+    versions = f"{p(run.from_version or '?')} → {p(run.to_version or '?')}"
+    print(f"run {run.id}: {p(run.archive)} ({versions})")
     print(f"  sha256:   {run.sha256 or '-'}")
     print(f"  outcome:  {run.outcome or 'in ' + run.step}" + ("  (blocks the gate)" if run.blocking else ""))
     print(f"  platform: {describe_change(run)}")
     if run.error:
-        print(f"  error:    {run.error}")
+        print(f"  error:    {p(run.error)}")
     if run.resolved:
-        print(f"  resolved: {_when(run.resolved)}: {run.resolved_note}")
-    print(f"  archive:  {run.path}")
+        print(f"  resolved: {_when(run.resolved)}: {p(run.resolved_note)}")
+    print(f"  archive:  {p(run.path)}")
     print("events:")
     for event in events:
-        print(f"  {_when(event.ts)}  {event.step:12} {event.message}")
+        print(f"  {_when(event.ts)}  {event.step:12} {p(event.message)}")
     if args.log:
-        print(f"log ({log_path}):")
-        for line in tail(log_path, args.lines):
-            print(f"  {line}")
+        denied: list[dict[str, str]] = []
+        lines = _log_tail(config, run.id, args.lines, denied)
+        print(f"log ({p(log_path)}):" if not denied else f"log ({p(log_path)}): permission denied for this user")
+        for line in lines:
+            print(f"  {p(line)}")
     return 0

@@ -454,6 +454,7 @@ class Runner(threading.Thread):
         )
         limit_text = f" (time limit {format_duration(limit)})" if limit > 0 else ""
         self.event(run.id, step, f"{step} started{limit_text}")
+        self._publish_gate()  # busy from the first step on; _finish publishes what follows the outcome
         current = self.journal.run(run.id) or run
         self.observers.step_started(current, step, started, deadline)
         error: StepFailed | None = None

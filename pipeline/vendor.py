@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.archive import Manifest, pack, parse_archive_name, verify_archive
 from pipeline.errors import ArchiveRejected, ConfigError, KeyFileError, StepFailed
 from pipeline.signing import generate_keypair, load_trusted_keys
+from pipeline.terminal import printable
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE = 0, 1, 2
 
@@ -84,11 +85,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result["manifest"] = _summary(manifest) if manifest is not None else None
         print(json.dumps(result, indent=2))
     elif problem is not None:
-        print(f"{path.name}: REJECTED: {problem}")
+        print(f"{printable(path.name)}: REJECTED: {printable(problem)}")
     else:
         assert manifest is not None
         print(
-            f"{path.name}: OK: {manifest.product} {manifest.version} ({manifest.channel}), signed with key "
+            f"{printable(path.name)}: OK: {manifest.product} {manifest.version} ({manifest.channel}), signed with key "
             f"{manifest.key_id}, {len(manifest.files)} files, {manifest.unpacked_bytes} bytes unpacked"
         )
     return EXIT_OK if problem is None else EXIT_NOT_OK

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pipeline.config import CommandSpec
@@ -83,6 +84,10 @@ def run(ctx: StepContext) -> None:
         done += 1
         ctx.progress(done / units, message)
 
+    def next_unit() -> AbstractContextManager[None]:
+        """What a hook or migration reports on DROPGATE_PROGRESS_FD fills its own unit of the bar."""
+        return ctx.share(done / units, (done + 1) / units)
+
     if "previous_release" not in facts:
         previous = current_release(root)
         ctx.save_facts(previous_release=str(previous) if previous is not None else None)
@@ -90,13 +95,15 @@ def run(ctx: StepContext) -> None:
 
     if pre is not None:
         ctx.event(f"pre-apply hook {pre.name}")
-        ctx.run_command(script_command(pre, runners), what=f"pre-apply {pre.name}", cwd=release)
+        with next_unit():
+            ctx.run_command(script_command(pre, runners), what=f"pre-apply {pre.name}", cwd=release)
         advance("pre-apply hook done")
 
     for index, migration in enumerate(migrations, start=1):
         label = f"migration {index}/{len(migrations)} {migration.relative_to(release.resolve())}"
         ctx.event(label)
-        ctx.run_command(script_command(migration, runners), what=label, cwd=release)
+        with next_unit():
+            ctx.run_command(script_command(migration, runners), what=label, cwd=release)
         advance(f"{label} done")
 
     before = current_release(root)
@@ -114,7 +121,8 @@ def run(ctx: StepContext) -> None:
 
     if post is not None:
         ctx.event(f"post-apply hook {post.name}")
-        ctx.run_command(script_command(post, runners), what=f"post-apply {post.name}", cwd=release)
+        with next_unit():
+            ctx.run_command(script_command(post, runners), what=f"post-apply {post.name}", cwd=release)
         advance("post-apply hook done")
 
 

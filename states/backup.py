@@ -38,8 +38,9 @@ def run(ctx: StepContext) -> None:
     # The data copy comes first, then the dumps: the bar must not read 100 % while a dump still runs.
     data_share = DATA_SHARE if config.backup.dumps else 1.0
     count = len(config.backup.dumps)
+    each = (1.0 - data_share) / count if count else 0.0
     dumps = [
-        (dump.name, _dump_writer(ctx, dump, data_share + (1.0 - data_share) * index / count, f"{index + 1} of {count}"))
+        (dump.name, _dump_writer(ctx, dump, (data_share + each * index, data_share + each * (index + 1)), index, count))
         for index, dump in enumerate(config.backup.dumps)
     ]
 
@@ -92,10 +93,11 @@ def run(ctx: StepContext) -> None:
     )
 
 
-def _dump_writer(ctx: StepContext, dump: Dump, ratio: float, which: str) -> DumpWriter:
+def _dump_writer(ctx: StepContext, dump: Dump, share: tuple[float, float], index: int, count: int) -> DumpWriter:
     def write(target: Path) -> None:
-        ctx.progress(ratio, f"dump {dump.name} ({which}) running")
-        ctx.run_command(dump.command, what=f"dump {dump.name}", stdout_path=target, progress=False)
+        with ctx.share(*share):  # what the dump reports on DROPGATE_PROGRESS_FD fills its own share
+            ctx.progress(0.0, f"dump {dump.name} ({index + 1} of {count}) running")
+            ctx.run_command(dump.command, what=f"dump {dump.name}", stdout_path=target)
 
     return write
 
@@ -111,23 +113,25 @@ def restore(ctx: StepContext) -> None:
     if not raw:
         raise RollbackFailed(f"run {ctx.run_id} has no backup to restore the data from")
     backup_dir = Path(raw)
-    problems = verify_snapshot(
-        backup_dir,
-        checkpoint=ctx.checkpoint,
-        progress=lambda done, expected: ctx.progress(done / expected, "verifying the backup"),
-    )
+    with ctx.share(0.0, 0.3):
+        problems = verify_snapshot(
+            backup_dir,
+            checkpoint=ctx.checkpoint,
+            progress=lambda done, expected: ctx.progress(done / expected, "verifying the backup"),
+        )
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise RollbackFailed(f"the backup {backup_dir} failed verification, no data was restored: {problems[0]}{more}")
     ctx.event(f"backup {backup_dir} verified; restoring {len(ctx.config.platform.data)} data paths")
     started = time.monotonic()
     try:
-        report = restore_snapshot(
-            backup_dir,
-            verify=False,
-            checkpoint=ctx.checkpoint,
-            progress=lambda done, expected: ctx.progress(done / expected, "restoring data"),
-        )
+        with ctx.share(0.3, 0.9):
+            report = restore_snapshot(
+                backup_dir,
+                verify=False,
+                checkpoint=ctx.checkpoint,
+                progress=lambda done, expected: ctx.progress(done / expected, "restoring data"),
+            )
     except (SnapshotError, StepTimeout) as error:
         raise RollbackFailed(f"the data could not be restored from {backup_dir}: {error}") from error
     except OSError as error:
@@ -137,8 +141,10 @@ def restore(ctx: StepContext) -> None:
         f"data restored in {time.monotonic() - started:.1f}s: {report.restored_files:,} files rewritten "
         f"({format_bytes(report.bytes)}), {report.kept_files:,} untouched, {report.removed:,} removed"
     )
-    for dump in ctx.config.backup.dumps:
-        _restore_dump(ctx, backup_dir, dump)
+    dumps = ctx.config.backup.dumps
+    for index, dump in enumerate(dumps):
+        with ctx.share(0.9 + 0.1 * index / len(dumps), 0.9 + 0.1 * (index + 1) / len(dumps)):
+            _restore_dump(ctx, backup_dir, dump)
 
 
 def _restore_dump(ctx: StepContext, backup_dir: Path, dump: Dump) -> None:

@@ -28,11 +28,14 @@ def run(ctx: StepContext) -> None:
             maintenance.leave(ctx)  # only if this run had entered it: services started, flag removed
             ctx.update_run(platform_changed=False)
             return
-        maintenance.enter(ctx)
-        apply.revert(ctx)
+        with ctx.share(0.0, 0.1):  # each part fills its share of the bar, which never goes back
+            maintenance.enter(ctx)
+        with ctx.share(0.1, 0.2):
+            apply.revert(ctx)
         ctx.event(f"release {ctx.facts['previous_release']} is live again")
         if ctx.facts.get("backup_dir"):
-            backup.restore(ctx)
+            with ctx.share(0.2, 0.95):
+                backup.restore(ctx)
             ctx.event(f"data restored from {ctx.facts['backup_dir']}")
         maintenance.leave(ctx)
     except RollbackFailed:

@@ -2,7 +2,10 @@
 
 The configured checks (HTTP status, body text, the version the platform
 reports; commands) are retried every `verify.interval_seconds` until they all
-pass or the step's time limit ends the step. Then maintenance is left (if this
+pass or the step's time limit ends the step. No check waits past the step's
+time limit or its cancellation: a request runs in a thread the step leaves
+behind when either comes (its own timeout is cut to the time left, so it ends
+by the time limit at the latest), as a command's process group is killed. Then maintenance is left (if this
 run entered it), the checks must pass again with the platform in service, and
 for `verify.soak_seconds` after that. Only then are releases beyond
 `platform.keep_releases` pruned: the live and the previous release never are.
@@ -11,6 +14,7 @@ for `verify.soak_seconds` after that. Only then are releases beyond
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,10 +23,12 @@ import httpx
 
 from pipeline.config import Config, HttpCheck
 from pipeline.context import StepContext
-from pipeline.errors import CommandFailed, StepFailed, StepTimeout
+from pipeline.errors import CommandFailed, StepAborted, StepFailed, StepTimeout
 from pipeline.process import CancelToken, run_command
 from pipeline.release import prune_releases
 from states import maintenance
+
+WAIT_SLICE_SECONDS = 0.1  # how soon a cancellation or the time limit is seen while a request waits
 
 
 def _reported_version(response: httpx.Response, expected: str) -> str | None:
@@ -38,9 +44,66 @@ def _reported_version(response: httpx.Response, expected: str) -> str | None:
     return None
 
 
-def _check_http(client: httpx.Client, check: HttpCheck, expected_version: str | None) -> str | None:
+class _Request(threading.Thread):
+    """One GET in its own thread, so that the step can stop waiting for it."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        super().__init__(name="dropgate-http-check", daemon=True)
+        self.url = url
+        self.timeout = timeout
+        self.response: httpx.Response | None = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with httpx.Client(trust_env=False, follow_redirects=False) as client:
+                self.response = client.get(self.url, timeout=self.timeout)
+        except Exception as error:  # handed to the step, which reports it as the check's failure
+            self.error = error
+        finally:
+            self.done.set()
+
+
+def fetch(
+    url: str,
+    timeout: float,
+    *,
+    deadline: float | None = None,
+    cancel: CancelToken | None = None,
+    now: Callable[[], float] = time.time,
+) -> httpx.Response:
+    """GET `url` within `timeout` seconds, never past `deadline` (StepTimeout) nor a cancellation
+    (StepAborted); httpx.TimeoutException when it takes longer than `timeout`."""
+    started = now()
+    limit = timeout if deadline is None else min(timeout, deadline - started)
+    if limit <= 0:
+        raise StepTimeout(f"GET {url} could not start: the step's time limit had passed")
+    request = _Request(url, limit)
+    request.start()
+    while not request.done.wait(WAIT_SLICE_SECONDS):
+        if cancel is not None and cancel.cancelled:
+            raise StepAborted(f"GET {url} was abandoned: {cancel.reason}", resumable=cancel.resumable)
+        if deadline is not None and now() >= deadline:
+            raise StepTimeout(f"GET {url} was still waiting for an answer at the step's time limit")
+        if now() - started >= limit:
+            raise httpx.TimeoutException(f"no answer within {limit:g}s")
+    if request.error is not None:
+        raise request.error
+    assert request.response is not None
+    return request.response
+
+
+def _check_http(
+    check: HttpCheck,
+    expected_version: str | None,
+    *,
+    deadline: float | None,
+    cancel: CancelToken | None,
+    now: Callable[[], float],
+) -> str | None:
     try:
-        response = client.get(check.url, timeout=check.timeout_seconds)
+        response = fetch(check.url, check.timeout_seconds, deadline=deadline, cancel=cancel, now=now)
     except httpx.HTTPError as error:
         return f"GET {check.url}: no answer ({error or type(error).__name__})"
     if response.status_code != check.status:
@@ -68,17 +131,17 @@ def check_platform(
 ) -> list[str]:
     """One pass of every configured check; the failures as one-line messages (empty: healthy).
 
-    `expected_version` None skips the version comparison. Each command may run
-    `verify.command_timeout` at most (and never past `deadline`, which raises
-    StepTimeout like any step command).
+    `expected_version` None skips the version comparison. Each request may take
+    its `timeout_seconds`, each command `verify.command_timeout` at most; none
+    waits past `deadline` (StepTimeout, like any step command) or `cancel`
+    (StepAborted).
     """
     failures: list[str] = []
-    with httpx.Client(trust_env=False, follow_redirects=False) as client:
-        for check in config.verify.http:
-            failure = _check_http(client, check, expected_version)
-            if failure is not None:
-                log(f"check failed: {failure}")
-                failures.append(failure)
+    for check in config.verify.http:
+        failure = _check_http(check, expected_version, deadline=deadline, cancel=cancel, now=now)
+        if failure is not None:
+            log(f"check failed: {failure}")
+            failures.append(failure)
     commands = config.verify.commands
     for index, command in enumerate(commands, start=1):
         cap = now() + config.verify.command_timeout

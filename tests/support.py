@@ -85,9 +85,78 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 
 
 def fill_filesystem(path: Path) -> Path:
-    """Write the file `path` until its filesystem has no space left (another writer taking it all)."""
-    with open(path, "wb") as handle, contextlib.suppress(OSError):
+    """Write the file `path` until its filesystem has no space left (another writer taking it all).
+
+    Unbuffered: a partial last write leaves nothing in a buffer for close() to fail on.
+    """
+    with open(path, "wb", buffering=0) as handle, contextlib.suppress(OSError):
         while True:
             handle.write(b"\0" * 65536)
-            handle.flush()
     return path
+
+
+class SilentServer:
+    """A real TCP server on loopback that accepts connections and never answers (a hung backend).
+
+    The first `answer_first` connections get a plain `200 ok` (a platform healthy
+    until it hangs). Used as a context manager; it closes every connection it
+    holds on exit.
+    """
+
+    def __init__(self, answer_first: int = 0) -> None:
+        import socket
+        import threading
+
+        self.answer_first = answer_first
+        self.answered = 0
+        self._socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._socket.settimeout(0.2)
+        self.port = int(self._socket.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/health"
+        self.connections: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-server", daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.answered < self.answer_first:
+                self.answered += 1
+                with conn:
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+                continue
+            self.connections.append(conn)  # held open, never read from, never answered
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def rendered(url: str, profile: Path) -> str:
+    """A page's DOM after its scripts ran, as headless chromium built it (enforcing the page's CSP)."""
+    from tests.conftest import require_tool
+
+    chromium = require_tool("chromium")
+    result = subprocess.run(
+        [
+            chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

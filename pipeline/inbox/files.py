@@ -22,9 +22,11 @@ import signal
 import stat as stat_module
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config
+if TYPE_CHECKING:
+    from pipeline.quickconfig import SiteConfig as Config
+
 
 log = logging.getLogger("dropgate")
 

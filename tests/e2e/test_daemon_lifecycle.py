@@ -105,7 +105,7 @@ def test_the_status_page_and_json_are_served_read_only(site: Site) -> None:
         page = response.read().decode()
         assert response.headers["Content-Type"].startswith("text/html")
     assert "<title>dropgate — update status</title>" in page
-    assert "status.json" in page  # the page refreshes itself from it
+    assert '<script src="status.js" defer></script>' in page  # which refreshes the page from status.json
     with urllib.request.urlopen(base + "/status.json", timeout=5) as response:
         status = json.loads(response.read())
     assert status["gate"] == "idle"

@@ -231,6 +231,8 @@ def test_restore_puts_data_and_dumps_back_exactly(tmp_path: Path) -> None:
     assert restored_db.read_text() == "CREATE TABLE t;\n"
     assert any(event.startswith("data restored in ") for event in recorder.events)
     assert recorder.events[-1] == f"dump db.sql restored from {tmp_path / 'backups' / '1' / 'dumps' / 'db.sql'}"
+    # and the restore's bar (verify the backup, restore the data, restore the dump) only moved forward
+    assert recorder.ratios and recorder.ratios == sorted(recorder.ratios), recorder.ratios
 
 
 def test_restore_from_a_tampered_snapshot_fails_loudly_and_touches_nothing(tmp_path: Path) -> None:
@@ -318,3 +320,34 @@ def test_the_backups_command_lists_and_verifies_snapshots(tmp_path: Path) -> Non
     assert "FAILED (" in dropgate("backups").stdout
     missing = dropgate("backups", "verify", "7")
     assert missing.returncode == 1 and "no complete snapshot of run 7" in missing.stderr
+
+
+def test_a_dumps_own_progress_fills_its_share_and_the_bar_never_goes_back(tmp_path: Path) -> None:
+    # Given two dumps that report their own progress on DROPGATE_PROGRESS_FD (the second one backwards)
+    data = make_platform(tmp_path / "platform")
+    report = (
+        "import os, sys\n"
+        "fd = int(os.environ['DROPGATE_PROGRESS_FD'])\n"
+        "for ratio in sys.argv[1:]:\n"
+        "    os.write(fd, ('{\"progress\": %s}\\n' % ratio).encode())\n"
+        "print('dump content')\n"
+    )
+    dumps = [
+        {"name": "db", "command": [sys.executable, "-c", report, "0.5", "1.0"]},
+        {"name": "search", "command": [sys.executable, "-c", report, "1.0", "0.2"]},
+    ]
+    ctx, recorder = step_context(tmp_path, data, backup={"dumps": dumps})
+
+    # When the backup runs
+    backup.run(ctx)
+
+    # Then the bar only moved forward and ended full
+    ratios = recorder.ratios
+    assert ratios == sorted(ratios), ratios
+    assert ratios[-1] == 1.0
+    # and each dump's own 0..1 filled only its part of the last 10 % (after the data copy)
+    share = (1.0 - backup.DATA_SHARE) / 2
+    assert backup.DATA_SHARE + 0.5 * share in [pytest.approx(r) for r in ratios]
+    assert backup.DATA_SHARE + share in [pytest.approx(r) for r in ratios]
+    assert max(r for r in ratios if r < 1.0) <= backup.DATA_SHARE + 2 * share + 1e-9
+    assert (Path(ctx.facts["backup_dir"]) / "dumps" / "db").read_text() == "dump content\n"

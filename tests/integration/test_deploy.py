@@ -532,13 +532,17 @@ def test_install_dry_run_prints_the_plan_and_changes_nothing(tmp_path: Path) -> 
                                 ("/var/lib/dropgate/state", "2750", "dropgate-admin")):
         assert f"chmod -- {mode} {folder}" in out or f"{folder}/: {mode} root:{group}" in out
     assert "/etc/systemd/system/dropgate.service" in out
-    assert "/etc/ssh/sshd_config.d/dropgate-inbox.conf" in out
     assert "/usr/bin/dropgate" in out
     assert "--no-index --find-links" in out
     assert out.rstrip().endswith("dry run: nothing was changed")
     # and nothing on the host changed, and the hostile name stayed a name
     assert host_state() == before
     assert not canary.exists()
+    # and the SFTP drop-in is in the plan where sshd is installed (found as install.sh finds it)
+    if shutil.which("sshd") is None and not os.access("/usr/sbin/sshd", os.X_OK):
+        assert "sshd not installed: skipping the SFTP drop-in" in out
+        cannot_run("sshd is not installed, so the plan for its drop-in was not checked")
+    assert "/etc/ssh/sshd_config.d/dropgate-inbox.conf" in out
 
 
 def test_install_usage_errors_exit_2() -> None:
@@ -733,6 +737,7 @@ def test_nginx_serves_the_maintenance_page_while_the_flag_exists_and_the_status_
     status, _, body = http_get(f"{url}/dropgate/")
     assert status == 200
     assert "<html" in body.lower()
+    assert [http_get(f"{url}/dropgate/{asset}")[0] for asset in ("status.js", "status.css")] == [200, 200]
     status, _, body = http_get(f"{url}/dropgate/status.json")
     assert status == 200
     assert json.loads(body)["gate"] == "idle"

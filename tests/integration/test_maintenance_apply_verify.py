@@ -255,18 +255,57 @@ def test_apply_runs_hooks_and_migrations_in_order_then_switches(site: Site) -> N
     assert "[migration 2/2 migrations/002.sh] output of" in site.recorder.log_text()
 
 
-def test_a_migration_reports_its_own_progress(site: Site) -> None:
-    # Given a migration writing a JSON progress line to DROPGATE_PROGRESS_FD
+def progress_script(reports: list[float]) -> str:
+    """A Python hook or migration writing each ratio as a JSON line to DROPGATE_PROGRESS_FD."""
+    lines = "".join(json.dumps({"progress": ratio, "message": f"at {ratio}"}) + "\n" for ratio in reports)
+    return f"#!{sys.executable}\nimport os\nos.write(int(os.environ['DROPGATE_PROGRESS_FD']), {lines.encode()!r})\n"
+
+
+def test_a_migration_reports_its_own_progress_within_its_share_of_apply(site: Site) -> None:
+    # Given one migration writing a JSON progress line to DROPGATE_PROGRESS_FD; apply has three units
+    # (the migration, the switch of `current`, the one restart command)
     folder = site.stage("1.1.0", migrations=["migrate.py"])
-    report = json.dumps({"progress": 0.42, "message": "reindexing"}) + "\n"
-    code = f"import os\nos.write(int(os.environ['DROPGATE_PROGRESS_FD']), {report.encode()!r})\n"
-    (folder / "migrate.py").write_text(f"#!{sys.executable}\n{code}")
+    (folder / "migrate.py").write_text(progress_script([0.42]))
 
     # When apply runs it
     apply.run(site.context("apply"))
 
-    # Then its ratio reached the step's progress
-    assert 0.42 in site.recorder.progress_reports
+    # Then its 0.42 shows as 0.42 of the first third of the step, and the bar ends full
+    assert site.recorder.progress_reports[0] == pytest.approx(0.42 / 3)
+    assert site.recorder.progress_reports[-1] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("reports", "hooks"),
+    [
+        ([0.0, 0.5, 1.0], False),  # the case seen on sites: 1.0 raw, then apply's counter said 0.667
+        ([0.9, 0.3, 1.0], False),  # a migration that restarts its own count
+        ([1.0, 1.0, 0.0], True),  # hooks and migrations both report, the last one backwards
+        ([-5.0, 7.0, float("nan")], True),  # out of range (nan is refused by the pipe's parser)
+    ],
+)
+def test_progress_within_apply_never_goes_back(site: Site, reports: list[float], hooks: bool) -> None:
+    # Given two migrations (and, in some cases, pre- and post-apply hooks) that report progress
+    folder = site.stage(
+        "1.1.0",
+        migrations=["m/1.py", "m/2.py"],
+        hooks={"pre_apply": "pre.py", "post_apply": "post.py"} if hooks else {},
+    )
+    (folder / "m").mkdir(exist_ok=True)
+    for name in ("m/1.py", "m/2.py", "pre.py", "post.py"):
+        (folder / name).write_text(progress_script(reports))
+
+    # When apply runs them
+    apply.run(site.context("apply"))
+
+    # Then the bar only ever moves forward, stays in 0..1, and ends full
+    ratios = site.recorder.progress_reports
+    assert ratios == sorted(ratios), ratios
+    assert all(0.0 <= ratio <= 1.0 for ratio in ratios)
+    assert ratios[-1] == 1.0
+    # and the first hook's or migration's own 100 % fills only its unit of the step
+    units = 2 + 1 + 1 + (2 if hooks else 0)
+    assert max(ratios[: len(reports)]) <= 1 / units + 1e-9
 
 
 def test_a_failing_migration_stops_apply_before_the_switch(site: Site) -> None:

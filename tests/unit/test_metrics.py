@@ -22,7 +22,8 @@ def test_a_run_moves_gate_step_and_outcome_metrics(tmp_path: Path) -> None:
     journal.update_run(run_id, step="backup")
     run = journal.run(run_id)
     assert run is not None
-    # Given a step that starts with a time limit
+    # Given a step that starts with a time limit (the runner publishes the gate it derives from the journal)
+    metrics.gate_changed(journal.gate())
     metrics.step_started(run, "backup", 100.0, 160.0)
     assert value(registry, "dropgate_step", dropgate_step="backup") == 1.0
     assert value(registry, "dropgate_gate", dropgate_gate="busy") == 1.0
