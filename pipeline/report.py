@@ -77,6 +77,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         "uploading": list_uploads(config),
         "installed_version": installed_version(config.platform.root),
         "blocked_by": [],
+        "inbox": str(config.paths.inbox),  # where to drop an archive (deploy/ansible/rollout.yml does)
         "now": now(),
     }
     if journal is None:
