@@ -71,18 +71,18 @@ class Cli:
 
 
 def find_run(history: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
-    """The oldest run newer than `after` that is this archive's (or the retry of `retry_of`)."""
-    found = None
-    for run in history:  # newest first
-        if params["retry_of"] is not None:
-            mine = run.get("retry_of") == params["retry_of"]
-        elif run.get("sha256"):
-            mine = run["sha256"] == params["sha256"]
-        else:
-            mine = run.get("archive") == params["name"]
-        if mine and int(run["id"]) > params["after"]:
-            found = run
-    return found
+    """The oldest run newer than `after` of this archive's bytes (or the retry of `retry_of`).
+
+    A run taken but not hashed yet is matched by its name, and only while no run
+    of these bytes is there; the caller checks its bytes once they are known.
+    """
+    newer = [run for run in reversed(history) if int(run["id"]) > params["after"]]  # oldest first
+    if params["retry_of"] is not None:
+        return next((run for run in newer if run.get("retry_of") == params["retry_of"]), None)
+    hashed = [run for run in newer if run.get("sha256") == params["sha256"]]
+    if hashed:
+        return hashed[0]
+    return next((run for run in newer if not run.get("sha256") and run.get("archive") == params["name"]), None)
 
 
 def waiting_for(run: dict[str, Any]) -> str | None:
@@ -127,35 +127,36 @@ def main() -> None:
                          waited_seconds=round(time.monotonic() - started, 1), **extra)
 
     run_id = params["run"]
-    if run_id is None:
-        deadline = started + params["pickup_timeout"]
-        while True:
+    pickup_deadline = started + params["pickup_timeout"]
+    deadline = started + params["timeout"]
+    run: dict[str, Any] | None = None
+    while True:
+        if run_id is None:
             history = cli.json("history", "--limit", "50")
             found = find_run(history, params) if isinstance(history, list) else None
             if found is not None:
                 run_id = int(found["id"])
-                break
-            if time.monotonic() >= deadline:
+            elif time.monotonic() >= pickup_deadline:
                 what = f"the retry of run {params['retry_of']}" if params["retry_of"] is not None else params["name"]
                 why = " ".join(cli.last_error) or "is the daemon running and watching that inbox?"
                 finish("not_taken", f"{what} was not taken from the inbox within {params['pickup_timeout']:g}s ({why})")
-            time.sleep(poll)
-
-    deadline = started + params["timeout"]
-    run: dict[str, Any] | None = None
-    while True:
-        seen = cli.json("show", str(run_id))
-        if isinstance(seen, dict):
-            run = seen
-            if run.get("outcome") is not None:
-                finish("ended", run.get("error") or "", run)
-            waiting = waiting_for(run)
-            if waiting == "approval":
-                finish("waiting", f"run {run_id} waits for approval: `dropgate approve {run_id}` on the site, "
-                                  "then rerun the rollout", run, waiting_for=waiting)
-            if waiting == "window":
-                finish("waiting", f"run {run_id} waits for a maintenance window; rerun the rollout once it is open",
-                       run, waiting_for=waiting)
+        if run_id is not None:
+            seen = cli.json("show", str(run_id))
+            if isinstance(seen, dict):
+                if params["run"] is None and params["retry_of"] is None and seen.get("sha256") \
+                        and seen["sha256"] != params["sha256"]:
+                    run_id = None  # a file of the same name with other bytes: not ours, look again
+                    continue
+                run = seen
+                if run.get("outcome") is not None:
+                    finish("ended", run.get("error") or "", run)
+                waiting = waiting_for(run)
+                if waiting == "approval":
+                    finish("waiting", f"run {run_id} waits for approval: `dropgate approve {run_id}` on the site, "
+                                      "then rerun the rollout", run, waiting_for=waiting)
+                if waiting == "window":
+                    finish("waiting", f"run {run_id} waits for a maintenance window; rerun the rollout once it "
+                                      "is open", run, waiting_for=waiting)
         if time.monotonic() >= deadline:
             where = f"still in {run['step']}" if run else f"not readable ({' '.join(cli.last_error)})"
             finish("timeout", f"run {run_id} is {where} after the time limit of {params['timeout']:g}s: "
