@@ -245,10 +245,11 @@ class Fleet:
     def __getitem__(self, name: str) -> FleetSite:
         return next(site for site in self.sites if site.name == name)
 
-    def archive(self, version: str, **manifest: Any) -> Path:
-        """A signed `gts.<version>.tgz` of the sample application, made with the vendor's key."""
+    def archive(self, version: str, files: Mapping[str, str] | None = None, **manifest: Any) -> Path:
+        """A signed `gts.<version>.tgz` of the sample application (plus `files`), made with the vendor's key."""
         body = {"product": "gts", "version": version, "channel": "stable", "min_version": "1.0.0", **manifest}
-        source = write_build_dir(self.folder / "vendor" / "build" / version, body, release_files(version))
+        payload = {**release_files(version), **(files or {})}
+        source = write_build_dir(self.folder / "vendor" / "build" / version, body, payload)
         out = self.folder / "releases"
         out.mkdir(exist_ok=True)
         return pack(source, self.vendor_key, out)
