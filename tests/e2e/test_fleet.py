@@ -30,7 +30,7 @@ import yaml
 from tests.conftest import ROOT, free_port, require_tool, wait_for
 from tests.fleet import Fleet, Rollout
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 WAVES: list[int | str] = [1, 2, "100%"]
