@@ -3,7 +3,7 @@
 
 Runs on the site. It only reads: `dropgate history --json` to find the run of an
 archive just dropped (by its sha256, or a retry by the run it retries), then
-`dropgate show ID --json` every `poll` seconds until the run has an outcome, or
+`dropgate show ID --json` (soon, then every `poll` seconds) until the run has an outcome, or
 waits for an operator's approval or a maintenance window, or `timeout` passes;
 then `dropgate status --json` for the installed version. One task, no retry
 lines in the output, one dropgate command per poll.
@@ -29,7 +29,8 @@ options:
   timeout: {description: seconds the run may take before the site counts as timed out, type: float, default: 7200}
   pickup_timeout: {description: seconds the daemon may take to take the archive from the inbox, type: float,
                    default: 300}
-  poll: {description: seconds between two looks, type: float, default: 5}
+  poll: {description: "seconds between two looks (the first looks come sooner: 0.25, 0.5, 1, 2 s, ...)", type: float,
+         default: 5}
 """
 
 RETURN = r"""
@@ -119,6 +120,8 @@ def main() -> None:
     params = module.params
     cli = Cli(module)
     poll = max(0.2, params["poll"])
+    # The first looks come quickly (a patch can end in a second), then every `poll` seconds.
+    delays = (min(poll, 0.25 * 2**n) for n in range(1_000_000))
     started = time.monotonic()
 
     def finish(state: str, message: str, run: dict[str, Any] | None = None, **extra: Any) -> None:
@@ -161,7 +164,7 @@ def main() -> None:
             where = f"still in {run['step']}" if run else f"not readable ({' '.join(cli.last_error)})"
             finish("timeout", f"run {run_id} is {where} after the time limit of {params['timeout']:g}s: "
                               "look at it with `dropgate status`; rerun the rollout to follow it again", run)
-        time.sleep(poll)
+        time.sleep(next(delays))
 
 
 if __name__ == "__main__":
