@@ -209,7 +209,7 @@ def test_the_role_installs_a_site_in_a_scratch_root_and_a_second_run_changes_not
     # When someone opened the state folder to everyone, and the configuration variables change
     (root / "var/lib/dropgate/state").chmod(0o777)
     variables["dropgate_config"]["policy"] = {"require_approval": False}
-    fourth, output = apply_role(work, variables)
+    _, output = apply_role(work, variables)
     # Then the next run puts the folder back and rewrites the configuration (validated), and nothing else
     assert changed_tasks(output) == ["dropgate : Folders, with their owners and modes", "dropgate : The configuration"]
     assert mode_of(root / "var/lib/dropgate/state") == "2750"

@@ -13,6 +13,12 @@ With DROPGATE_ROLLOUT_SUMMARY=FILE (or `summary_file` under
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
 DOCUMENTATION = r"""
 name: dropgate_summary
 type: aggregate
@@ -30,11 +36,6 @@ options:
         key: summary_file
 """
 
-import json
-import os
-from typing import Any
-
-from ansible.plugins.callback import CallbackBase
 
 FINE = ("succeeded", "skipped", "waiting", "planned")
 
@@ -181,7 +182,8 @@ class CallbackModule(CallbackBase):
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         lines = [f"DROPGATE ROLLOUT {title}"]
         for row in rows:
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+                         + "  " + row[-1])
         counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(summary["counts"].items()))
         lines.append(f"result: {summary['result']} ({counts})")
         return "\n".join(line.rstrip() for line in lines)

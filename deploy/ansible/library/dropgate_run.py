@@ -11,6 +11,12 @@ lines in the output, one dropgate command per poll.
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
 DOCUMENTATION = r"""
 module: dropgate_run
 short_description: Follow a dropgate run until it ends, or waits for approval or a window
@@ -40,12 +46,6 @@ run: {description: the run as C(dropgate show ID --json) prints it, type: dict}
 status: {description: C(dropgate status --json) at the end, type: dict}
 message: {description: one line for the summary, type: str}
 """
-
-import json
-import time
-from typing import Any
-
-from ansible.module_utils.basic import AnsibleModule
 
 
 class Cli:
