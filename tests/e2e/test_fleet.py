@@ -431,3 +431,20 @@ def test_a_site_whose_run_outlasts_its_time_limit_fails_the_rollout_and_a_rerun_
     assert rerun.site("site-02")["outcome"] == "succeeded"
     assert drops_of(fleet, "site-01", archive) == 1
     assert len(fleet["site-01"].runs()) == 1
+
+
+def test_a_site_that_cannot_be_reached_stops_the_rollout_before_the_next_wave(fleet_factory: Any) -> None:
+    # Given four sites, the second reached over ssh, whose sshd is down
+    fleet: Fleet = fleet_factory(4, over_ssh=[2])
+    assert fleet.ssh is not None
+    fleet.ssh.stop()
+    archive = fleet.archive("1.1.0")
+    # When the rollout runs in waves [site-01], [site-02, site-03], [site-04]
+    rollout = fleet.rollout(archive, waves=WAVES)
+    # Then site-02 is reported unreachable beside site-03, updated, and the rollout stops before site-04
+    assert rollout.returncode != 0, rollout.output[-6000:]
+    assert rollout.outcomes() == {"site-01": "succeeded", "site-02": "unreachable", "site-03": "succeeded",
+                                  "site-04": "not reached"}
+    assert rollout.summary["result"] == "stopped: site-02 unreachable"
+    assert fleet["site-02"].runs() == [] and fleet["site-04"].runs() == []
+    assert fleet["site-04"].installed() == "1.0.0"
