@@ -80,6 +80,8 @@ def test_a_rollout_in_three_waves_brings_every_site_to_the_new_version_and_a_rer
     fleet: Fleet = fleet_factory(6, over_ssh=[6])
     archive = fleet.archive("1.1.0")
     names = [site.name for site in fleet.sites]
+    # (each site's `status --json` says where its inbox is: the rollout drops there)
+    assert fleet["site-01"].site.status()["inbox"] == str(fleet["site-01"].site.inbox)
 
     # When the operator first asks what the rollout would do (--check)
     dry = fleet.rollout(archive, waves=WAVES, check=True)
