@@ -161,6 +161,7 @@ def status_dict(
         "uploading": list_uploads(config, unreadable) if uploads is None else list(uploads),
         "installed_version": _installed(config, unreadable),
         "blocked_by": [],
+        "inbox": str(config.paths.inbox),  # where to drop an archive (deploy/ansible/rollout.yml does)
         "now": moment,
         "unreadable": unreadable,
     }
