@@ -27,6 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from pipeline.autoupdate import AutoUpdater, schedule_clock
 from pipeline.config import Config, config_path, load_config
 from pipeline.control import ControlServer
 from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused
@@ -38,6 +39,7 @@ from pipeline.observers import Observers
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
+from states.window import next_window_open
 
 log = logging.getLogger("dropgate")
 
@@ -133,6 +135,13 @@ class Daemon:
             return self.runner.resolve(int(run_id), str(request.get("note") or ""), who)  # type: ignore[arg-type]
         if command == "rollback":
             return self.runner.rollback(None if run_id is None else int(run_id), who).result()
+        if command == "reject":
+            return self.runner.reject(int(run_id), str(request.get("note") or ""), who)  # type: ignore[arg-type]
+        if command == "auto-update":
+            enabled = request.get("enabled")
+            if not isinstance(enabled, bool):
+                raise ValueError('expected {"command": "auto-update", "enabled": true|false}')
+            return self.updater.set_enabled(enabled, who)
         raise ControlRefused(f"unknown command {command!r}")
 
     def run(self) -> int:
@@ -147,6 +156,7 @@ class Daemon:
             self.runner.recover()
             metrics.load(journal, installed_version(config.platform.root))
             inbox = Inbox(config, journal, observers, on_taken=lambda _run_id: self.runner.wake())
+            self.updater = AutoUpdater(config, journal, metrics, clock=schedule_clock())
 
             def status() -> dict[str, Any]:
                 reader = Journal(config.paths.state / JOURNAL_NAME, readonly=True)
@@ -172,15 +182,18 @@ class Daemon:
             control.start()
             inbox.start()
             self.runner.start()
+            self.updater.start()
             host, port = http.address
             log.info("dropgate running: inbox %s, status page http://%s:%d/", config.paths.inbox, host, port)
             notify(f"READY=1\nSTATUS=gate {journal.gate()}")
             try:
                 self._main_loop(journal, metrics, registry)
             finally:
+                self.updater.stop()
                 inbox.stop()
                 control.stop()
                 self.runner.join()
+                self.updater.join(timeout=10)
                 http.stop()
                 if config.metrics.textfile is not None:
                     write_textfile(registry, config.metrics.textfile)
@@ -199,6 +212,7 @@ class Daemon:
             now = time.time()
             metrics.heartbeat.set(now)
             metrics.set_platform_version(installed_version(self.config.platform.root))
+            metrics.window_next_open.set(next_window_open(self.config, now))
             if interval:
                 notify("WATCHDOG=1")
             gate = journal.gate()

@@ -79,6 +79,7 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         "blocked_by": [],
         "now": now(),
     }
+    result.update(_unattended(config, journal, result["now"], running=pid is not None))
     if journal is None:
         return result
     result["gate"] = journal.gate()
@@ -95,9 +96,56 @@ def status_dict(config: Config, journal: Journal | None, *, now: Callable[[], fl
         view["steps"] = journal.step_timings(current.id)
         view["log_tail"] = tail(config.paths.state / "runs" / f"{current.id}.log", 20)
         result["run"] = view
-    result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in journal.queued()]
+    result["queued"] = [
+        {"id": r.id, "archive": r.archive, "arrived": r.arrived, "notes": journal.fetched_notes(r.sha256 or "")}
+        for r in journal.queued()
+    ]
     result["blocked_by"] = [{"id": r.id, "outcome": r.outcome, "error": r.error} for r in blocking]
     return result
+
+
+def _unattended(config: Config, journal: Journal | None, now: float, *, running: bool) -> dict[str, Any]:
+    """The nightly job and the maintenance windows, for `status` and the page."""
+    from pipeline.autoupdate import view
+    from states.window import describe
+
+    return {
+        "auto_update": view(config, journal, now=now, running=running),
+        "window": describe(config, now) if config.policy.windows else None,
+    }
+
+
+def release_notes(config: Config, journal: Journal, run: Run) -> str | None:
+    """A run's release notes: from its validated manifest, the feed it was fetched from, or its signed head."""
+    manifest = run.facts.get("manifest")
+    if manifest:
+        return str(manifest.get("notes") or "")
+    notes = journal.fetched_notes(run.sha256) if run.sha256 else None
+    if notes is not None or run.outcome is not None:
+        return notes
+    from pipeline.archive import authenticate
+    from pipeline.signing import load_trusted_keys
+
+    try:
+        return authenticate(Path(run.path), load_trusted_keys(config.trust.keys)).notes
+    except DropgateError:
+        return None  # not authenticated yet: nothing of it is shown
+
+
+def _window_lines(window: dict[str, Any] | None, config: Config) -> list[str]:
+    if window is None:
+        return []
+    from pipeline.schedule import local_text, zone
+
+    tz = zone(config.policy.timezone)
+    if window["open"]:
+        state = f"open until {local_text(window['closes'], tz)}"
+    elif window["next_open"] is not None:
+        state = f"closed; the next opens {local_text(window['next_open'], tz)}"
+    else:
+        state = "closed; none opens within a week"
+    spec = ", ".join(window["windows"])
+    return [f"windows:   {spec} ({window['timezone']}, for {window['windows_for']} updates): {state}"]
 
 
 def _when(ts: float | None) -> str:
@@ -113,7 +161,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def render_status(status: dict[str, Any]) -> str:
+def render_status(status: dict[str, Any], config: Config | None = None) -> str:
     lines = []
     daemon = status["daemon"]
     alive = f"running (pid {daemon['pid']})" if daemon["running"] else "NOT RUNNING"
@@ -148,6 +196,12 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"uploading: {upload['name']} {upload['bytes']} of {upload['total']} bytes")
     for queued in status["queued"]:
         lines.append(f"queued:    run {queued['id']} {queued['archive']} (since {_when(queued['arrived'])})")
+    if config is not None:
+        from pipeline.autoupdate import render
+        from pipeline.schedule import zone
+
+        lines += _window_lines(status.get("window"), config)
+        lines += render(status["auto_update"], zone(config.auto_update.timezone))
     return "\n".join(lines)
 
 
@@ -167,10 +221,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2, default=str))
         elif args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status) + "\n")
+            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status, config) + "\n")
             sys.stdout.flush()
         else:
-            print(render_status(status))
+            print(render_status(status, config))
         if not args.watch:
             return 0
         time.sleep(args.interval)
@@ -205,8 +259,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     events = journal.events(run.id)
     timings = journal.step_timings(run.id)
     log_path = config.paths.state / "runs" / f"{run.id}.log"
+    notes = release_notes(config, journal, run)
     if args.json:
         view = run_view(run)
+        view["notes"] = notes
         view["events"] = [{"ts": e.ts, "step": e.step, "message": e.message} for e in events]
         view["steps"] = timings
         view["facts"] = run.facts
@@ -224,6 +280,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run.resolved:
         print(f"  resolved: {_when(run.resolved)}: {run.resolved_note}")
     print(f"  archive:  {run.path}")
+    if notes is not None:
+        print("release notes:")
+        for line in notes.splitlines() or ["(none)"]:
+            printable = "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+            print(f"  {printable}")
     print("events:")
     for event in events:
         print(f"  {_when(event.ts)}  {event.step:12} {event.message}")

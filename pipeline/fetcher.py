@@ -1,0 +1,338 @@
+"""Downloads from the vendor: the feed, and archives into `<inbox>/<name>.part`, resumed with HTTP Range.
+
+HTTPS only, TLS always verified (the system's CAs, plus `auto_update.ca_file`),
+proxies from the environment (`HTTPS_PROXY`, `NO_PROXY`, as curl reads them),
+redirects followed only to https. An archive's bytes are bounded by the length
+the signed feed announces and hashed as they arrive; a dropped connection
+resumes from the `.part` at once as long as each attempt brought new bytes,
+and a restart resumes from it too. Bytes whose SHA-256 is not the feed's are
+moved aside, never renamed into the inbox. The caller renames a verified
+`.part` into the inbox; from there it is an ordinary drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pipeline import __version__
+from pipeline.errors import FetchFailed, FetchStopped
+
+log = logging.getLogger("dropgate")
+
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 60.0  # no byte for this long: the connection is given up (and resumed)
+LOW_SPEED_SECONDS = 120.0  # slow retrieval: fewer than LOW_SPEED_BYTES in this long ends the attempt
+LOW_SPEED_BYTES = 120 * 2**10
+MAX_RESUMES = 20  # per check; the next check resumes again from the .part
+RESUME_PAUSE = 1.0
+MAX_REDIRECTS = 5
+SPACE_MARGIN = 64 * 2**20
+PROGRESS_INTERVAL = 0.5
+_HASH_CHUNK = 2**20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Throttle:
+    """Keeps a transfer at or below `rate` bytes per second (0: no limit) by pausing between chunks."""
+
+    rate: float
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Any] = time.sleep
+    _start: float = field(default=0.0, init=False)
+    _bytes: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._start = self.now()
+
+    def account(self, count: int) -> None:
+        if self.rate <= 0:
+            return
+        self._bytes += count
+        ahead = self._bytes / self.rate - (self.now() - self._start)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+@dataclass
+class _State:
+    """How far a download is: bytes in the .part, and their running hash."""
+
+    have: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+    def restart(self) -> None:
+        self.have, self.hasher = 0, hashlib.sha256()
+
+
+class _Cut(Exception):
+    """The connection ended before the archive was complete (after `received` new bytes)."""
+
+    def __init__(self, message: str, received: int) -> None:
+        super().__init__(message)
+        self.received = received
+
+
+def _what_failed(url: str, error: httpx.HTTPError) -> str:
+    """One line naming the server and what went wrong, for any httpx error."""
+    host = httpx.URL(url).host or url
+    detail = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, httpx.ConnectTimeout):
+        return f"{host}: no connection within {CONNECT_TIMEOUT:.0f}s"
+    if isinstance(error, httpx.ReadTimeout):
+        return f"{host}: no data for {READ_TIMEOUT:.0f}s"
+    if isinstance(error, httpx.ProxyError):
+        return f"{host}: the proxy refused or failed: {detail}"
+    if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate" in detail.lower():
+        return f"{host}: its TLS certificate is not trusted ({detail}); set auto_update.ca_file if it uses a private CA"
+    if isinstance(error, httpx.ConnectError):
+        return f"{host}: cannot connect: {detail}"
+    return f"{host}: {detail}"
+
+
+class Fetcher:
+    """One check's HTTP client; `cancel` stops a download between chunks (its .part is kept)."""
+
+    def __init__(
+        self,
+        *,
+        ca_file: Path | None = None,
+        bandwidth: float = 0.0,
+        cancel: threading.Event | None = None,
+        on_progress: Progress | None = None,
+        resume_pause: float = RESUME_PAUSE,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.ca_file = ca_file
+        self.bandwidth = bandwidth
+        self.cancel = cancel or threading.Event()
+        self.on_progress = on_progress
+        self.resume_pause = resume_pause
+        self.read_timeout = read_timeout
+        self.stop_reason = "stopped"
+
+    def _client(self) -> httpx.Client:
+        context = ssl.create_default_context()  # verification on: CERT_REQUIRED and host name checks
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ca_file))
+            except (OSError, ssl.SSLError) as error:
+                raise FetchFailed(
+                    f"auto_update.ca_file {self.ca_file}: cannot load it as PEM CA certificates: {error}"
+                ) from None
+        return httpx.Client(
+            verify=context,
+            trust_env=True,  # HTTPS_PROXY, NO_PROXY
+            timeout=httpx.Timeout(self.read_timeout, connect=CONNECT_TIMEOUT),
+            follow_redirects=False,
+            headers={"User-Agent": f"dropgate/{__version__}", "Accept-Encoding": "identity"},
+        )
+
+    def _send(self, client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
+        """GET `url` as a stream, following up to MAX_REDIRECTS redirects, each to an https URL."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = client.send(client.build_request("GET", url, headers=headers), stream=True)
+            except httpx.HTTPError as error:
+                raise FetchFailed(_what_failed(url, error)) from None
+            if response.status_code not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("location", "")
+            response.close()
+            target = str(response.url.join(location)) if location else ""
+            if not target.startswith("https://"):
+                raise FetchFailed(f"{url}: redirected to {target[:200]!r}, which is not an https URL")
+            url = target
+        raise FetchFailed(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    # -- the feed ------------------------------------------------------------------
+    def get(self, url: str, *, max_bytes: int) -> bytes:
+        """The body of `url` (status 200), refused when longer than `max_bytes`."""
+        with self._client() as client:
+            response = self._send(client, url, {})
+            try:
+                if response.status_code != 200:
+                    raise FetchFailed(f"{url}: the server answered {response.status_code} {response.reason_phrase}")
+                announced = response.headers.get("content-length")
+                if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+                    raise FetchFailed(f"{url}: {announced} bytes, more than the limit of {max_bytes}")
+                data = bytearray()
+                for chunk in response.iter_raw():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise FetchFailed(f"{url}: more than the limit of {max_bytes} bytes")
+            except httpx.HTTPError as error:
+                raise FetchFailed(_what_failed(url, error)) from None
+            finally:
+                response.close()
+        return bytes(data)
+
+    # -- an archive -------------------------------------------------------------------
+    def download(self, url: str, *, length: int, sha256: str, part: Path, reject_dir: Path) -> None:
+        """Complete `part` to the `length` bytes of `url` and check their SHA-256.
+
+        A `.part` already there is resumed (its bytes are hashed first). Bytes
+        that are not the feed's are moved to `reject_dir` and FetchFailed says so.
+        """
+        state = self._prefix(part, length)
+        self._check_space(part, length - state.have)
+        resumes = 0
+        with self._client() as client:
+            while state.have < length:
+                try:
+                    self._receive(client, url, part, state, length)
+                except _Cut as cut:
+                    if cut.received == 0 or resumes >= MAX_RESUMES:
+                        raise FetchFailed(
+                            f"{cut}; {state.have} of {length} bytes are kept in {part.name}, "
+                            "the download resumes at the next check"
+                        ) from None
+                    resumes += 1
+                    log.info("fetch: %s; resuming %s at byte %d (resume %d)", cut, part.name, state.have, resumes)
+                    self.cancel.wait(self.resume_pause)
+        digest = state.hasher.hexdigest()
+        if digest != sha256:
+            reason = (
+                f"{part.name[: -len('.part')]}: the downloaded bytes have SHA-256 {digest}, "
+                f"the signed feed says {sha256}: not used"
+            )
+            self._set_aside(part, reject_dir, reason)
+            raise FetchFailed(f"{reason} (moved to {reject_dir})")
+        with open(part, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _prefix(part: Path, length: int) -> _State:
+        """What an earlier attempt left in `part`, and the hash of it."""
+        state = _State()
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            return state
+        if size > length:
+            log.warning("fetch: %s is longer than the %d bytes announced; starting again", part.name, length)
+            os.truncate(part, 0)
+            return state
+        with open(part, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                state.hasher.update(chunk)
+        state.have = size
+        return state
+
+    @staticmethod
+    def _check_space(part: Path, needed: int) -> None:
+        free = shutil.disk_usage(part.parent).free
+        if free < needed + SPACE_MARGIN:
+            raise FetchFailed(
+                f"not enough space in {part.parent} for {part.name}: {needed} bytes to download "
+                f"(+{SPACE_MARGIN // 2**20} MiB margin), {free} free"
+            )
+
+    def _stop(self, part: Path, have: int, length: int) -> FetchStopped:
+        return FetchStopped(f"{self.stop_reason}; {have} of {length} bytes are kept in {part.name}")
+
+    def _receive(self, client: httpx.Client, url: str, part: Path, state: _State, length: int) -> None:
+        """One request from byte `state.have` on; advances `state`, or raises _Cut/FetchFailed."""
+        have = state.have
+        if self.cancel.is_set():
+            raise self._stop(part, have, length)
+        response = self._send(client, url, {"Range": f"bytes={have}-"} if have else {})
+        try:
+            status = response.status_code
+            if have and status == 206:
+                match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+                if match is None or int(match.group(1)) != have:
+                    raise FetchFailed(
+                        f"{url}: asked for bytes {have}- and the server answered the range "
+                        f"{response.headers.get('content-range', '(none)')!r}"
+                    )
+            elif status == 200:
+                if have:
+                    log.info("fetch: %s ignores Range requests; downloading %s from byte 0", url, part.name)
+                state.restart()
+            elif status == 416 and have:
+                log.warning("fetch: %s refused the range bytes=%d-; downloading %s from byte 0", url, have, part.name)
+                os.truncate(part, 0)
+                state.restart()
+                return
+            else:
+                raise FetchFailed(f"{url}: the server answered {status} {response.reason_phrase}")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise FetchFailed(f"{url}: the server sent the archive with Content-Encoding {encoding!r}")
+            announced = response.headers.get("content-length")
+            if announced is not None and announced.isdigit() and int(announced) > length - state.have:
+                raise FetchFailed(
+                    f"{url}: the server announces {int(announced) + state.have} bytes, the signed feed {length}"
+                )
+            self._write(response, url, part, state, length)
+        finally:
+            response.close()
+
+    def _write(self, response: httpx.Response, url: str, part: Path, state: _State, length: int) -> None:
+        have, hasher = state.have, state.hasher
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        throttle = Throttle(self.bandwidth, sleep=self.cancel.wait)
+        received = 0
+        window_start, window_bytes = time.monotonic(), 0
+        reported = 0.0
+        try:
+            os.ftruncate(fd, have)
+            os.lseek(fd, have, os.SEEK_SET)
+            for chunk in response.iter_raw():
+                if self.cancel.is_set():
+                    raise self._stop(part, have, length)
+                data = chunk[: length - have]
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                hasher.update(data)
+                have += len(data)
+                state.have = have
+                received += len(data)
+                window_bytes += len(data)
+                now = time.monotonic()
+                if self.on_progress is not None and (now - reported >= PROGRESS_INTERVAL or have >= length):
+                    reported = now
+                    self.on_progress(have, length)
+                if have >= length:
+                    break  # never more than the signed length, whatever the server sends
+                if now - window_start >= LOW_SPEED_SECONDS:
+                    if window_bytes < LOW_SPEED_BYTES:
+                        raise _Cut(
+                            f"{httpx.URL(url).host}: only {window_bytes} bytes in {now - window_start:.0f}s "
+                            "(too slow)",
+                            0,
+                        )
+                    window_start, window_bytes = now, 0
+                throttle.account(len(data))
+        except httpx.HTTPError as error:
+            raise _Cut(_what_failed(url, error), received) from None
+        finally:
+            os.close(fd)
+        if have < length:
+            raise _Cut(f"{httpx.URL(url).host}: the connection ended after byte {have} of {length}", received)
+
+    @staticmethod
+    def _set_aside(part: Path, reject_dir: Path, reason: str) -> None:
+        """Keep the last bad download of each name, with its reason, out of the inbox."""
+        reject_dir.mkdir(parents=True, exist_ok=True)
+        target = reject_dir / (part.name[: -len(".part")] + ".rejected")
+        os.replace(part, target)
+        with contextlib.suppress(OSError):
+            target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
