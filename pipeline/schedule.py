@@ -110,6 +110,10 @@ def check_cron(expression: str) -> str:
 
     if len(expression.split()) != 5 or not croniter.is_valid(expression):
         raise ValueError(f"{expression!r} is not a cron schedule of five fields such as '0 0 * * *'")
+    try:
+        croniter(expression, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except ValueError:
+        raise ValueError(f"the schedule {expression!r} never names a time (such as February 30)") from None
     return expression
 
 
@@ -124,7 +128,11 @@ def next_slot(expression: str, tz: dt.tzinfo, after: float) -> float:
 
     matches = croniter(expression, _wall(after, tz))
     for _ in range(MAX_SLOT_SEARCH):
-        moment = instant(matches.get_next(dt.datetime), tz)
+        try:
+            wall = matches.get_next(dt.datetime)
+        except ValueError:
+            break
+        moment = instant(wall, tz)
         if moment > after:
             return moment
     raise ValueError(f"the schedule {expression!r} names no time after {local_text(after, tz)}")

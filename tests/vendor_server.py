@@ -12,6 +12,7 @@ Nothing here replaces the HTTP layer of the code under test.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import select
 import socket
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+
+from pipeline.archive import authenticate
+from pipeline.feed import Feed, FeedEntry, sign_feed
+from pipeline.signing import SigningKey, TrustStore
 
 _RANGE = re.compile(r"bytes=(\d+)-")
 
@@ -41,12 +46,14 @@ class Faults:
     drop_after: dict[str, int] = field(default_factory=dict)  # name -> body bytes before the connection is cut
     rate: dict[str, float] = field(default_factory=dict)  # name -> bytes per second
     status: dict[str, int] = field(default_factory=dict)  # name -> status to answer instead
+    redirect: dict[str, str] = field(default_factory=dict)  # name -> Location of a 302
+    ignore_range: set[str] = field(default_factory=set)  # names served whole (200) whatever the Range
 
 
 class VendorServer:
     """HTTPS on 127.0.0.1 serving `root`; `url(name)` is where a file is."""
 
-    def __init__(self, root: Path, ca: trustme.CA) -> None:
+    def __init__(self, root: Path, ca: trustme.CA, *, port: int = 0) -> None:
         self.root = root
         self.log: list[Served] = []
         self.faults = Faults()
@@ -66,9 +73,17 @@ class VendorServer:
                 with server._lock:
                     server.log.append(entry)
                     status_override = server.faults.status.get(name)
+                    location = server.faults.redirect.get(name)
                     drop = server.faults.drop_after.pop(name, None)
                     rate = server.faults.rate.get(name)
                 path = server.root / name
+                if location is not None:
+                    entry.status = 302
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if status_override is not None or "/" in name or not path.is_file():
                     entry.status = status_override or 404
                     self.send_response(entry.status)
@@ -77,7 +92,7 @@ class VendorServer:
                     return
                 data = path.read_bytes()
                 start = 0
-                match = _RANGE.fullmatch(requested or "")
+                match = None if name in server.faults.ignore_range else _RANGE.fullmatch(requested or "")
                 if match:
                     start = int(match.group(1))
                     if start >= len(data):
@@ -116,7 +131,7 @@ class VendorServer:
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = int(self.httpd.server_address[1])
@@ -203,3 +218,30 @@ class ConnectProxy:
                         if not data:
                             return
                         (upstream if end is client else client).sendall(data)
+
+
+# -- the vendor's feed ------------------------------------------------------------------------
+
+
+def entry_for(archive: Path, keys: TrustStore, *, url: str | None = None, **overrides: Any) -> FeedEntry:
+    """The feed entry a vendor would publish for `archive` (from its signed head and its bytes)."""
+    manifest = authenticate(archive, keys)
+    fields: dict[str, Any] = {
+        "product": manifest.product, "version": manifest.version, "channel": manifest.channel,
+        "url": url if url is not None else archive.name, "length": archive.stat().st_size,
+        "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "published": 1_790_000_000.0,
+        "notes": manifest.notes, "min_version": manifest.min_version,
+    }
+    fields.update(overrides)
+    return FeedEntry(**fields)
+
+
+def publish(
+    folder: Path, key: SigningKey, entries: list[FeedEntry], *, sequence: int, now: float,
+    expires_in: float = 7 * 86400, product: str = "gts", name: str = "feed.json",
+) -> Path:
+    """Sign a feed listing `entries` and put it where the server serves it."""
+    feed = Feed(product, sequence, float(int(now)), float(int(now + expires_in)), tuple(entries))
+    path = folder / name
+    path.write_bytes(sign_feed(feed, key))
+    return path
