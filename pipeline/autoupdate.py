@@ -426,6 +426,7 @@ def view(config: Config, journal: Journal | None, *, now: float, running: bool) 
         "timezone": zone_name(tz),
         "jitter": auto.jitter,
         "next_check": None,
+        "overdue": False,
         "last_check": None,
         "last_success": None,
         "available_version": None,
@@ -433,6 +434,7 @@ def view(config: Config, journal: Journal | None, *, now: float, running: bool) 
     }
     if on.enabled and auto.feed is not None:
         result["next_check"] = due(config, journal, since=now)
+        result["overdue"] = result["next_check"] <= now
     checks = journal.feed_checks(limit=50) if journal is not None else []
     if checks:
         last = checks[0]
@@ -469,7 +471,8 @@ def render(auto: dict[str, Any], tz: dt.tzinfo) -> list[str]:
     who = f" (set by {auto['set_by']} at {when(auto['set_at'])})" if auto["set_by"] else " (configuration default)"
     lines = [f"auto-update: {state}{who}; schedule {auto['schedule']!r} {auto['timezone']}, channel {auto['channel']}"]
     if auto["next_check"] is not None:
-        lines.append(f"  next check:  {when(auto['next_check'])}")
+        late = " (missed: it runs as soon as the daemon runs)" if auto["overdue"] else ""
+        lines.append(f"  next check:  {when(auto['next_check'])}{late}")
     last = auto["last_check"]
     if last is not None:
         outcome = last["result"] or "running"
