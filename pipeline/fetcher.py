@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import ssl
@@ -43,6 +44,8 @@ MAX_REDIRECTS = 5
 SPACE_MARGIN = 64 * 2**20
 PROGRESS_INTERVAL = 0.5
 _HASH_CHUNK = 2**20
+SINK_BLOCK = 2**20
+SINK_QUEUE = 8
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
 Progress = Callable[[int, int], None]
 
@@ -78,6 +81,61 @@ class _State:
 
     def restart(self) -> None:
         self.have, self.hasher = 0, hashlib.sha256()
+
+
+class _Sink:
+    """Writes and hashes what arrives on a thread of its own, in blocks of SINK_BLOCK bytes.
+
+    Reading the socket (TLS decryption), hashing and writing then overlap
+    instead of taking turns; at most SINK_QUEUE blocks wait, so memory stays
+    bounded whatever the download's size. Leaving the `with` writes every byte
+    received so far (a resume starts after them) and raises a write error.
+    """
+
+    def __init__(self, fd: int, state: _State, part: Path) -> None:
+        self._fd, self._state, self._part = fd, state, part
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=SINK_QUEUE)
+        self._buffer = bytearray()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._drain, name="dropgate-fetch-writer", daemon=True)
+
+    def __enter__(self) -> _Sink:
+        self._thread.start()
+        return self
+
+    def add(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= SINK_BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._error is not None:
+            raise FetchFailed(f"cannot write {self._part}: {self._error.strerror}")
+        if self._buffer:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(FetchFailed):
+            self._flush()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise FetchFailed(f"cannot write {self._part}: {self._error.strerror}")
+
+    def _drain(self) -> None:
+        while (block := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking blocks so that the reader never waits on a full queue
+            try:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as error:
+                self._error = error
+                continue
+            self._state.hasher.update(block)
+            self._state.have += len(block)
 
 
 class _Cut(Exception):
@@ -285,7 +343,7 @@ class Fetcher:
             response.close()
 
     def _write(self, response: httpx.Response, url: str, part: Path, state: _State, length: int) -> None:
-        have, hasher = state.have, state.hasher
+        have = state.have
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         throttle = Throttle(self.bandwidth, sleep=self.cancel.wait)
         received = 0
@@ -294,35 +352,33 @@ class Fetcher:
         try:
             os.ftruncate(fd, have)
             os.lseek(fd, have, os.SEEK_SET)
-            for chunk in response.iter_raw():
-                if self.cancel.is_set():
-                    raise self._stop(part, have, length)
-                data = chunk[: length - have]
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                hasher.update(data)
-                have += len(data)
-                state.have = have
-                received += len(data)
-                window_bytes += len(data)
-                now = time.monotonic()
-                if self.on_progress is not None and (now - reported >= PROGRESS_INTERVAL or have >= length):
-                    reported = now
-                    self.on_progress(have, length)
-                if have >= length:
-                    break  # never more than the signed length, whatever the server sends
-                if now - window_start >= LOW_SPEED_SECONDS:
-                    if window_bytes < LOW_SPEED_BYTES:
-                        raise _Cut(
-                            f"{httpx.URL(url).host}: only {window_bytes} bytes in {now - window_start:.0f}s "
-                            "(too slow)",
-                            0,
-                        )
-                    window_start, window_bytes = now, 0
-                throttle.account(len(data))
-        except httpx.HTTPError as error:
-            raise _Cut(_what_failed(url, error), received) from None
+            with _Sink(fd, state, part) as sink:
+                try:
+                    for chunk in response.iter_raw():
+                        if self.cancel.is_set():
+                            raise self._stop(part, have, length)
+                        data = chunk[: length - have]
+                        sink.add(data)
+                        have += len(data)
+                        received += len(data)
+                        window_bytes += len(data)
+                        now = time.monotonic()
+                        if self.on_progress is not None and (now - reported >= PROGRESS_INTERVAL or have >= length):
+                            reported = now
+                            self.on_progress(have, length)
+                        if have >= length:
+                            break  # never more than the signed length, whatever the server sends
+                        if now - window_start >= LOW_SPEED_SECONDS:
+                            if window_bytes < LOW_SPEED_BYTES:
+                                raise _Cut(
+                                    f"{httpx.URL(url).host}: only {window_bytes} bytes in "
+                                    f"{now - window_start:.0f}s (too slow)",
+                                    0,
+                                )
+                            window_start, window_bytes = now, 0
+                        throttle.account(len(data))
+                except httpx.HTTPError as error:
+                    raise _Cut(_what_failed(url, error), received) from None
         finally:
             os.close(fd)
         if have < length:
