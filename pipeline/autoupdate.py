@@ -14,10 +14,8 @@ check that failed is tried again at the next scheduled time, never sooner.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import threading
@@ -27,18 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, config_path, format_duration, load_config
-from pipeline.errors import ConfigError, ControlRefused, FeedRejected, FetchFailed, FetchStopped, StepFailed
-from pipeline.feed import CHANNELS, MAX_FEED_BYTES, Feed, FeedEntry, check_fresh, format_time, parse_feed
-from pipeline.fetcher import Fetcher
+from pipeline.config import Config
+from pipeline.errors import ControlRefused, FeedRejected, FetchFailed, FetchStopped, StepFailed
 from pipeline.journal import FeedCheck, Journal, Setting
+from pipeline.offers import plan, read_feed, trust_store
 from pipeline.release import installed_version
 from pipeline.schedule import local_text, machine_seed, next_check, zone, zone_name
-from pipeline.signing import TrustStore, load_trusted_keys
-from pipeline.versions import Version
 
 if TYPE_CHECKING:
+    from pipeline.feed import FeedEntry
+    from pipeline.fetcher import Fetcher
     from pipeline.metrics import Metrics
+    from pipeline.signing import TrustStore
 
 log = logging.getLogger("dropgate")
 
@@ -97,87 +95,13 @@ def due(config: Config, journal: Journal | None, *, since: float) -> float:
     return next_check(auto.schedule, zone(auto.timezone), reference, jitter=auto.jitter, seed=machine_seed())
 
 
-# -- what the feed offers, and what would be fetched ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Offer:
-    entry: FeedEntry
-    chosen: bool
-    why: str
-
-
-def _not_applicable(entry: FeedEntry, config: Config, journal: Journal | None, installed: str | None) -> str | None:
-    followed = ("stable",) if config.auto_update.channel == "stable" else CHANNELS
-    if entry.channel not in followed:
-        return f"on channel {entry.channel}, not followed here (auto_update.channel: {config.auto_update.channel})"
-    if installed is None:
-        return "no release is installed here (dropgate init)"
-    if Version.parse(entry.version) <= Version.parse(installed):
-        return f"not newer than the installed {installed}"
-    if entry.min_version is not None and Version.parse(installed) < Version.parse(entry.min_version):
-        return f"needs {entry.min_version} installed first (installed: {installed})"
-    if entry.length > config.limits.max_archive_bytes:
-        return f"{entry.length} bytes, above limits.max_archive_bytes ({config.limits.max_archive_bytes})"
-    if journal is not None:
-        earlier = journal.last_with_sha(entry.sha256)
-        if earlier is not None:
-            if earlier.outcome == "succeeded":
-                return f"these bytes were already installed by run {earlier.id}"
-            return (
-                f"these bytes were {earlier.outcome} here as run {earlier.id}: never fetched again "
-                f"(`dropgate retry {earlier.id}` runs them again)"
-            )
-        for run in (*journal.unfinished(), *journal.queued()):
-            if run.sha256 == entry.sha256:
-                return f"already here as run {run.id} ({run.step})"
-    if (config.paths.inbox / entry.archive_name).exists():
-        return "already in the inbox"
-    return None
-
-
-def plan(feed: Feed, config: Config, journal: Journal | None, installed: str | None) -> list[Offer]:
-    """Every entry, newest first, each with why it would or would not be fetched; at most one is chosen."""
-    offers: list[Offer] = []
-    chosen: FeedEntry | None = None
-    for entry in sorted(feed.entries, key=lambda e: Version.parse(e.version), reverse=True):
-        why = _not_applicable(entry, config, journal, installed)
-        if why is None and chosen is None:
-            chosen = entry
-            needs = f", needs {entry.min_version} (met)" if entry.min_version else ""
-            why = f"fetched next: the newest on {entry.channel} above the installed {installed}{needs}"
-        elif why is None:
-            assert chosen is not None
-            why = f"applicable, but the newer {chosen.version} is fetched first"
-        offers.append(Offer(entry, entry is chosen, why))
-    return offers
-
-
-def read_feed(data: bytes, config: Config, keys: TrustStore, *, now: float, seen: tuple[int, str] | None) -> Feed:
-    """A feed this site may use: verified, for its product, not expired, not older than the newest seen."""
-    feed = parse_feed(data, keys)
-    if feed.product != config.platform.product:
-        raise FeedRejected(
-            f"the feed is refused: it lists product {feed.product!r}, this site runs {config.platform.product!r}"
-        )
-    check_fresh(feed, now=now, seen=seen)
-    return feed
-
-
-def _trust(config: Config) -> TrustStore:
-    try:
-        return load_trusted_keys(config.trust.keys)
-    except ConfigError as error:
-        raise FeedRejected(f"the feed cannot be checked: {'; '.join(error.problems)}") from None
+# -- the job -------------------------------------------------------------------------------------------
 
 
 def _archive_url(feed_url: str, entry: FeedEntry) -> str:
     import httpx
 
     return str(httpx.URL(feed_url).join(entry.url))
-
-
-# -- the job -------------------------------------------------------------------------------------------
 
 
 class AutoUpdater(threading.Thread):
@@ -302,7 +226,10 @@ class AutoUpdater(threading.Thread):
         url = config.auto_update.feed
         if url is None:
             raise FeedRejected("auto_update.feed is not set: there is no feed to check")
-        keys = _trust(config)
+        from pipeline.feed import MAX_FEED_BYTES
+        from pipeline.fetcher import Fetcher
+
+        keys = trust_store(config)
         fetcher = Fetcher(
             ca_file=config.auto_update.ca_file, bandwidth=config.auto_update.bandwidth, on_progress=self._progress
         )
@@ -354,6 +281,7 @@ class AutoUpdater(threading.Thread):
     def _check_head(part: Path, entry: FeedEntry, keys: TrustStore, reject_dir: Path) -> None:
         """The archive's own signed head must say what the feed says, before it goes into the inbox."""
         from pipeline.archive import authenticate
+        from pipeline.fetcher import Fetcher
 
         try:
             manifest = authenticate(part, keys)
@@ -483,109 +411,3 @@ def render(auto: dict[str, Any], tz: dt.tzinfo) -> list[str]:
         state = "downloading" if download["active"] else "paused"
         lines.append(f"  download:    {download['name']} {download['bytes']} of {download['total']} bytes ({state})")
     return lines
-
-
-def cmd_feed(args: argparse.Namespace) -> int:
-    """`dropgate feed` (site), `dropgate feed build` and `dropgate feed verify` (vendor)."""
-    from pipeline import feed as feed_module
-
-    if args.feed_action == "build":
-        return feed_module.cmd_feed_build(args)
-    if args.feed_action == "verify":
-        return feed_module.cmd_feed_verify(args)
-    return _show(args)
-
-
-@dataclass
-class FeedReport:
-    """What `dropgate feed` prints: the feed read now, what it offers, and the state of the job."""
-
-    config: Config
-    installed: str | None
-    state: dict[str, Any]
-    feed: Feed | None = None
-    offers: tuple[Offer, ...] = ()
-    error: str | None = None
-
-    @property
-    def chosen(self) -> Offer | None:
-        return next((offer for offer in self.offers if offer.chosen), None)
-
-    def to_json(self) -> dict[str, Any]:
-        feed, chosen = self.feed, self.chosen
-        document = None
-        if feed is not None:
-            document = {"sequence": feed.sequence, "published": feed.published, "expires": feed.expires,
-                        "key_id": feed.key_id}
-        return {
-            "feed": self.config.auto_update.feed,
-            "error": self.error,
-            "product": self.config.platform.product,
-            "installed_version": self.installed,
-            "document": document,
-            "offers": [{**offer.entry.to_fields(), "next": offer.chosen, "why": offer.why} for offer in self.offers],
-            "next": None if chosen is None else chosen.entry.version,
-            "auto_update": self.state,
-        }
-
-    def lines(self) -> list[str]:
-        config, feed = self.config, self.feed
-        lines = [f"feed:        {config.auto_update.feed or '(not set)'}"]
-        if self.error is not None:
-            lines.append(f"  ERROR: {self.error}")
-        if feed is not None:
-            lines.append(
-                f"  sequence {feed.sequence}, signed with key {feed.key_id}, "
-                f"published {format_time(feed.published)}, expires {format_time(feed.expires)}"
-            )
-            lines.append(f"offers for {config.platform.product} (installed: {self.installed or 'none'}):")
-            for offer in self.offers:
-                entry = offer.entry
-                mark = "→" if offer.chosen else " "
-                day = dt.datetime.fromtimestamp(entry.published, dt.UTC).strftime("%Y-%m-%d")
-                lines.append(f" {mark} {entry.version:16} {entry.channel:8} {day}  {offer.why}")
-            if not self.offers:
-                lines.append("   (the feed lists no archive)")
-            chosen = self.chosen
-            if chosen is None:
-                lines.append("next:        nothing would be fetched")
-            else:
-                lines.append(f"next:        {chosen.entry.archive_name} ({chosen.entry.length} bytes)")
-                lines += [f"    {line}" for line in chosen.entry.notes.splitlines() or ["(no release notes)"]]
-        lines += render(self.state, zone(config.auto_update.timezone))
-        if self.state["jitter"]:
-            lines.append(f"  jitter:      up to {format_duration(self.state['jitter'])} after the scheduled time")
-        return lines
-
-
-def _show(args: argparse.Namespace) -> int:
-    from pipeline.report import daemon_pid, open_journal
-
-    config = load_config(config_path(args.config))
-    url = config.auto_update.feed
-    journal = open_journal(config)
-    try:
-        now = time.time()
-        report = FeedReport(
-            config,
-            installed_version(config.platform.root),
-            view(config, journal, now=now, running=daemon_pid(config.paths.state) is not None),
-        )
-        if url is None:
-            report.error = "auto_update.feed is not set: there is no feed to check"
-        else:
-            try:
-                data = Fetcher(ca_file=config.auto_update.ca_file).get(url, max_bytes=MAX_FEED_BYTES)
-                seen = journal.feed_seen() if journal is not None else None
-                report.feed = read_feed(data, config, _trust(config), now=now, seen=seen)
-                report.offers = tuple(plan(report.feed, config, journal, report.installed))
-            except (FeedRejected, FetchFailed) as failure:
-                report.error = str(failure)
-    finally:
-        if journal is not None:
-            journal.close()
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print("\n".join(report.lines()))
-    return 0 if report.error is None else 1

@@ -32,7 +32,7 @@ _HANDLERS = {
     "resolve": "pipeline.control:cmd_resolve",
     "reject": "pipeline.control:cmd_reject",
     "auto-update": "pipeline.control:cmd_auto_update",
-    "feed": "pipeline.autoupdate:cmd_feed",
+    "feed": "pipeline.offers:cmd_feed",
     "keygen": "pipeline.vendor:cmd_keygen",
     "pack": "pipeline.vendor:cmd_pack",
     "verify": "pipeline.vendor:cmd_verify",

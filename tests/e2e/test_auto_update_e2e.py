@@ -55,7 +55,7 @@ class Night:
         os.replace(tmp, self.clock_file)
 
     def offer(self, *versions: str, **manifest: object) -> list[Path]:
-        private, public = self.site.keypair()
+        private, _ = self.site.keypair()
         key = load_signing_key(private)
         keys = TrustStore({key.key_id: key.public})
         archives = []
@@ -81,7 +81,7 @@ def night(site: Site, tmp_path: Path) -> Iterator[Night]:
 
 def test_a_normal_night_fetches_runs_and_succeeds(site: Site, night: Night) -> None:
     # Given a feed offering the next patch, and a daemon started before midnight
-    (archive,) = night.offer("1.0.1", notes="Fixes the nightly export.")
+    night.offer("1.0.1", notes="Fixes the nightly export.")
     night.start_daemon()
     status = site.status()
     assert status["auto_update"]["enabled"] is True

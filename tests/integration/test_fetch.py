@@ -32,7 +32,7 @@ from pipeline.autoupdate import AutoUpdater, view
 from pipeline.fetcher import Throttle
 from pipeline.journal import FeedCheck, Journal
 from pipeline.metrics import Metrics
-from pipeline.signing import SigningKey, TrustStore, generate_keypair, load_signing_key
+from pipeline.signing import TrustStore, generate_keypair, load_signing_key
 from tests.archive_helpers import ArchiveSite
 from tests.conftest import ROOT, wait_for
 from tests.support import small_tmpfs
@@ -123,7 +123,8 @@ def test_a_normal_night_fetches_the_newest_applicable_archive_into_the_inbox(ven
     check = updater.tick(NIGHT)
     # Then the patch is in the inbox, byte for byte, and nothing else is
     assert check is not None and check.result == "ok", check
-    assert check.message == "feed sequence 1: fetched gts.3.19.274.tgz (%d bytes) into the inbox" % patch.stat().st_size
+    size = patch.stat().st_size
+    assert check.message == f"feed sequence 1: fetched gts.3.19.274.tgz ({size} bytes) into the inbox"
     assert vendor.inbox_files() == ["gts.3.19.274.tgz"]
     assert (vendor.inbox / patch.name).read_bytes() == patch.read_bytes()
     assert [(r.path, r.range, r.status) for r in vendor.server.log] == [

@@ -50,9 +50,9 @@ def test_a_run_inside_an_open_window_goes_on(tmp_path: Path) -> None:
 
 
 def test_a_downtime_that_would_overrun_the_window_waits_and_says_when_one_that_fits_opens(tmp_path: Path) -> None:
-    # Given a window with 4 h left on Monday and earlier runs whose downtime took 5 h
+    # Given a window with 4 h left on Monday (5 h on Tuesday) and earlier runs whose downtime took 5.5 h
     ctx = context(
-        tmp_path, now=MONDAY_8.timestamp(), facts={"downtime": True, "expected_downtime_seconds": 5 * 3600},
+        tmp_path, now=MONDAY_8.timestamp(), facts={"downtime": True, "expected_downtime_seconds": 5.5 * 3600},
         policy={"windows": ["Mon-Tue 07:00-12:00", "Sat 22:00-Sun 04:00"]},
     )
     ctx.cancel.cancel("the daemon is stopping", resumable=True)  # end the wait after the first look
@@ -164,8 +164,8 @@ class Clock:
 
 
 def test_an_approval_that_does_not_come_in_time_rejects_the_run_with_that_reason(tmp_path: Path) -> None:
-    # Given approvals expire after 3 days, and a clock that runs an hour per look
-    ctx = context(tmp_path, now=Clock(1_000_000.0, 3600.0), facts={"prereq_at": 999_000.0},
+    # Given approvals expire after 3 days, and a clock that runs half a day per look
+    ctx = context(tmp_path, now=Clock(1_000_000.0, 43200.0), facts={"prereq_at": 999_000.0},
                   policy={"require_approval": True, "approval_expires": "3d"})
     ctx.step = "approval"
     # When nobody approves
