@@ -176,6 +176,7 @@ class AutoUpdater(threading.Thread):
     def tick(self, now: float) -> FeedCheck | None:
         """Run a check if one is due at `now` (or was cut short by a stop); else nothing."""
         if not switch(self.config, self.journal).enabled:
+            self._resume = False  # switched on later, it waits for the schedule like any switch-on
             return None
         if self._resume or now >= due(self.config, self.journal, since=self.started_at):
             self._resume = False
