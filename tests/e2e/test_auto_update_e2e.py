@@ -211,9 +211,9 @@ def test_reject_refuses_a_run_that_is_not_waiting(site: Site) -> None:
 
 
 def test_a_run_waits_for_a_closed_window_then_goes_when_it_opens(site: Site) -> None:
-    # Given a window that opens at the next whole minute at least 20 s away, for every update
+    # Given a window that opens at a whole minute 80 to 140 s away (time for the run to reach it), for every update
     now = dt.datetime.now(dt.UTC)
-    start = (now + dt.timedelta(seconds=80)).replace(second=0, microsecond=0)
+    start = (now + dt.timedelta(seconds=140)).replace(second=0, microsecond=0)
     end = start + dt.timedelta(minutes=15)
     window = f"{DAYS[start.weekday()]} {start:%H:%M}-{DAYS[end.weekday()]} {end:%H:%M}"
     site.write_config(policy={"windows": [window], "windows_for": "all", "timezone": "UTC"})
@@ -226,7 +226,7 @@ def test_a_run_waits_for_a_closed_window_then_goes_when_it_opens(site: Site) -> 
     assert site.metric("dropgate_window_next_open_timestamp_seconds") == start.timestamp()
     assert f"closed; the next opens {start:%Y-%m-%d %H:%M}:00 UTC" in site.cli("status").stdout
     # Then it goes on once the window is open, and succeeds
-    run = site.wait_outcome(1, timeout=200)
+    run = site.wait_outcome(1, timeout=300)
     assert run["outcome"] == "succeeded", run["error"]
     messages = [e["message"] for e in site.show(1)["events"]]
     assert any(m.startswith(f"waiting for a window ({window}, UTC): no window is open") for m in messages)
