@@ -84,18 +84,21 @@ class _State:
 
 
 class _Sink:
-    """Writes and hashes what arrives on a thread of its own, in blocks of SINK_BLOCK bytes.
+    """Writes and hashes what arrives on a thread of its own, in batches of about SINK_BLOCK bytes.
 
     Reading the socket (TLS decryption), hashing and writing then overlap
-    instead of taking turns; at most SINK_QUEUE blocks wait, so memory stays
-    bounded whatever the download's size. Leaving the `with` writes every byte
-    received so far (a resume starts after them) and raises a write error.
+    instead of taking turns (when a core is free); at most SINK_QUEUE batches
+    wait, so memory stays bounded whatever the download's size. The received
+    chunks are passed on as they are (one `writev` per batch, no copy).
+    Leaving the `with` writes every byte received so far (a resume starts
+    after them) and raises a write error.
     """
 
     def __init__(self, fd: int, state: _State, part: Path) -> None:
         self._fd, self._state, self._part = fd, state, part
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=SINK_QUEUE)
-        self._buffer = bytearray()
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=SINK_QUEUE)
+        self._batch: list[bytes] = []
+        self._batched = 0
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._drain, name="dropgate-fetch-writer", daemon=True)
 
@@ -104,16 +107,17 @@ class _Sink:
         return self
 
     def add(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= SINK_BLOCK:
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= SINK_BLOCK:
             self._flush()
 
     def _flush(self) -> None:
         if self._error is not None:
             raise FetchFailed(f"cannot write {self._part}: {self._error.strerror}")
-        if self._buffer:
-            self._queue.put(bytes(self._buffer))
-            self._buffer.clear()
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batched = [], 0
 
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(FetchFailed):
@@ -124,18 +128,31 @@ class _Sink:
             raise FetchFailed(f"cannot write {self._part}: {self._error.strerror}")
 
     def _drain(self) -> None:
-        while (block := self._queue.get()) is not None:
+        while (batch := self._queue.get()) is not None:
             if self._error is not None:
-                continue  # keep taking blocks so that the reader never waits on a full queue
+                continue  # keep taking batches so that the reader never waits on a full queue
             try:
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                _write_all(self._fd, batch)
             except OSError as error:
                 self._error = error
                 continue
-            self._state.hasher.update(block)
-            self._state.have += len(block)
+            for chunk in batch:
+                self._state.hasher.update(chunk)
+                self._state.have += len(chunk)
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """writev until every byte of `chunks` is written (a short write continues where it stopped)."""
+    pending = [memoryview(chunk) for chunk in chunks if chunk]
+    while pending:
+        written = os.writev(fd, pending[:1024])  # IOV_MAX
+        while written:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
 
 
 class _Cut(Exception):
