@@ -82,6 +82,7 @@ http {{
 class Measure:
     seconds: float
     peak_rss: int  # bytes
+    cpu: float = 0.0  # user + system seconds: steadier than wall time on a shared machine
 
 
 def _high_water(pid: int) -> int:
@@ -96,17 +97,21 @@ def _high_water(pid: int) -> int:
 
 
 def run_child(argv: list[str]) -> Measure:
-    """Run `argv` to completion: its wall time and its peak RSS (VmHWM sampled every few ms)."""
+    """Run `argv` to completion: its wall time, peak RSS (VmHWM sampled every few ms) and CPU time."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "HTTPS_PROXY": ""})
     peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         peak = max(peak, _high_water(proc.pid))
         time.sleep(0.005)
     seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:3])} … failed with exit code {proc.returncode}")
-    return Measure(seconds, peak)
+    return Measure(seconds, peak, usage.ru_utime + usage.ru_stime)
 
 
 @contextmanager
@@ -194,7 +199,8 @@ def bench(size_mib: int, workdir: Path, server: str, repeat: int) -> dict[str, M
                     measure = run_child([curl, "--cacert", str(workdir / "ca.pem"), "-sS", "-o", str(out), url])
                     if name == "curl + sha256sum":
                         check = run_child([sha256sum, str(out)])
-                        measure = Measure(measure.seconds + check.seconds, max(measure.peak_rss, check.peak_rss))
+                        measure = Measure(measure.seconds + check.seconds, max(measure.peak_rss, check.peak_rss),
+                                          measure.cpu + check.cpu)
                 if out.stat().st_size != size:
                     raise SystemExit(f"{name} wrote {out.stat().st_size} bytes, expected {size}")
                 if name not in best or measure.seconds < best[name].seconds:
@@ -215,17 +221,18 @@ def main() -> int:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.server} over TLS on loopback; "
           f"times are the best of {args.repeat}")
     print()
-    print(f"{'size':>8} {'tool':<34} {'seconds':>8} {'MB/s':>8} {'peak RSS':>9}")
+    print(f"{'size':>8} {'tool':<38} {'seconds':>8} {'MB/s':>8} {'CPU s':>6} {'peak RSS':>9}")
     for size in sizes:
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="dropgate-bench-") as scratch:
             result = bench(size, Path(scratch), args.server, args.repeat)
         ours, curl, checked, idle = result["dropgate"], result["curl"], result["curl + sha256sum"], result["idle"]
         for label, measure in (("dropgate (download + SHA-256 + fsync)", ours), ("curl -o", curl),
                                ("curl -o, then sha256sum", checked)):
-            print(f"{size:>5}MiB {label:<34} {measure.seconds:>8.2f} {size * mib / measure.seconds / 1e6:>8.1f} "
-                  f"{measure.peak_rss / mib:>6.1f}MiB")
+            print(f"{size:>5}MiB {label:<38} {measure.seconds:>8.2f} {size * mib / measure.seconds / 1e6:>8.1f} "
+                  f"{measure.cpu:>6.2f} {measure.peak_rss / mib:>6.1f}MiB")
         print(
-            f"{'':>9}throughput dropgate / curl -o: {curl.seconds / ours.seconds:.2f}×; "
+            f"{'':>9}throughput dropgate / curl -o: {curl.seconds / ours.seconds:.2f}× "
+            f"(CPU time {ours.cpu / curl.cpu:.1f}× curl's); "
             f"dropgate / curl + sha256sum: {checked.seconds / ours.seconds:.2f}×; peak RSS {ours.peak_rss / mib:.1f} "
             f"MiB ({(ours.peak_rss - idle.peak_rss) / mib:.1f} MiB above the interpreter with the fetcher imported)"
         )
