@@ -38,6 +38,9 @@ _HANDLERS = {
     "retry": "pipeline.control:cmd_retry",
     "rollback": "pipeline.control:cmd_rollback",
     "resolve": "pipeline.control:cmd_resolve",
+    "reject": "pipeline.control:cmd_reject",
+    "auto-update": "pipeline.control:cmd_auto_update",
+    "feed": "pipeline.offers:cmd_feed",
     "keygen": "pipeline.vendor:cmd_keygen",
     "pack": "pipeline.vendor:cmd_pack",
     "verify": "pipeline.vendor:cmd_verify",
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("run", "run the daemon in the foreground (systemd Type=notify)")
     sub.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the configuration, then exit: 0 valid, 2 not (like sshd -t; starts nothing)",
+    )
+    sub.add_argument(
         "--fresh-journal",
         metavar="NOTE",
         help="the journal is lost: start with an empty one on purpose (recorded with NOTE); see README",
@@ -89,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("resolve", "confirm the platform is fine after a failure; unblocks the gate")
     sub.add_argument("id", type=int)
     sub.add_argument("--note", required=True, help="what was checked or repaired (kept in the journal)")
+    sub = command("reject", "refuse a run waiting in approval or window (recorded as rejected by you)")
+    sub.add_argument("id", type=int)
+    sub.add_argument("--note", required=True, help="why (kept in the journal)")
+    sub = command("auto-update", "switch the nightly fetch from the vendor's feed on or off (kept across restarts)")
+    sub.add_argument("state", choices=["on", "off"])
+    sub = command("feed", "what the vendor's feed offers and what would be fetched next", json=True)
+    actions = sub.add_subparsers(dest="feed_action", metavar="ACTION")
+    build = actions.add_parser(
+        "build", help="vendor side: a signed feed of the archives in DIR", description="vendor side: build a feed"
+    )
+    build.add_argument("dir", help="a folder of signed archives (each is read from its signed head)")
+    build.add_argument("--key", required=True, help="the private key file (archives must be signed by it)")
+    build.add_argument("--base-url", required=True, help="where the archives are served (https://..., or a path)")
+    build.add_argument("-o", "--out", required=True, help="the feed file to write")
+    build.add_argument("--sequence", type=int, help="the feed's sequence number (default: the current Unix time)")
+    build.add_argument("--expires", default="7d", help="how long sites accept it (default 7d)")
+    verify = actions.add_parser(
+        "verify", help="vendor side: check a feed as a site would", description="check a feed as a site would"
+    )
+    verify.add_argument("feed")
+    verify.add_argument("--key", action="append", required=True, help="a trusted public key file (repeatable)")
+    verify.add_argument("--json", action="store_true", help="print machine-readable JSON")
     sub = command("keygen", "vendor side: make an Ed25519 key pair")
     sub.add_argument(
         "-o", "--out", required=True, metavar="PREFIX", help="writes PREFIX.key (private, 0600) and PREFIX.pub"

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -59,6 +60,47 @@ def format_duration(seconds: float) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?(?:/s)?\s*$")
+_RATE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+MIN_RATE = 16 * 2**10
+
+
+def parse_rate(value: Any) -> float:
+    """`10MiB/s`, `500KB/s`, a bare number of bytes per second, or 0 for no limit."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a rate such as 10MiB/s or 0 (no limit), got {value!r}")  # noqa: TRY004 (pydantic)
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a rate such as 10MiB/s or 0 (no limit), got {value!r}")
+    rate = float(match.group(1)) * _RATE_UNITS[match.group(2)]
+    if 0 < rate < MIN_RATE:
+        raise ValueError(f"a rate below 16KiB/s would pass for a stalled download; got {value!r}")
+    return rate
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+
+
+def _check_zone(value: str | None) -> str | None:
+    from pipeline.schedule import check_zone_name
+
+    return None if value is None else check_zone_name(value)
+
+
+def _check_cron(value: str) -> str:
+    from pipeline.schedule import check_cron
+
+    return check_cron(value)
+
+
+def _check_https(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"https://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"{value!r} is not an https:// URL (the feed is only fetched over verified TLS)")
+    return value
+
+
+ZoneName = Annotated[str | None, BeforeValidator(_check_zone)]
 
 
 class _Section(BaseModel):
@@ -196,25 +238,23 @@ class Timeouts(_Section):
         return float(getattr(self, "validate_" if step == "validate" else step))
 
 
-_WINDOW = re.compile(
-    r"^(?P<days>(Mon|Tue|Wed|Thu|Fri|Sat|Sun)(-(Mon|Tue|Wed|Thu|Fri|Sat|Sun))?)"
-    r"\s+(?P<start>\d\d:\d\d)-(?P<end>\d\d:\d\d)$"
-)
-
-
 class Policy(_Section):
     on_failure: Literal["rollback", "hold"] = "rollback"
     require_approval: bool = False
+    approval_expires: Duration = 0.0  # a run waiting longer for its approval is rejected (0: never)
     channels: list[Literal["stable", "unstable"]] = ["stable"]
     windows: list[str] = []
+    windows_for: Literal["downtime", "all"] = "downtime"
+    timezone: ZoneName = None  # the windows' zone; None: the machine's
     timeouts: Timeouts = Timeouts()
 
     @field_validator("windows")
     @classmethod
     def _check_windows(cls, windows: list[str]) -> list[str]:
+        from pipeline.schedule import parse_window
+
         for window in windows:
-            if not _WINDOW.match(window.strip()):
-                raise ValueError(f"window {window!r} is not like 'Mon-Tue 07:00-12:00'")
+            parse_window(window)
         return windows
 
 
@@ -282,10 +322,14 @@ def is_loopback(host: str) -> bool:
 
 
 class AutoUpdate(_Section):
-    enabled: bool = False
-    feed: str | None = None
-    schedule: str = "0 0 * * *"
+    enabled: bool = False  # the default; `dropgate auto-update on|off` overrides it and survives restarts
+    feed: Annotated[str | None, AfterValidator(_check_https)] = None  # the vendor's feed URL
+    schedule: Annotated[str, AfterValidator(_check_cron)] = "0 0 * * *"
+    timezone: ZoneName = None  # the schedule's zone; None: the machine's
+    jitter: Duration = 0.0  # each site checks up to this long after the scheduled time
     channel: Literal["stable", "unstable"] = "stable"
+    ca_file: Path | None = None  # CA bundle for the feed's server (default: the system's)
+    bandwidth: Rate = 0.0  # bytes per second for downloads (0: no limit)
 
 
 class Config(_Section):
@@ -338,13 +382,13 @@ def _cross_field_problems(config: Config) -> list[str]:
         problems.append("prereq.recommended_cpus: must be at least prereq.min_cpus")
     if prereq.recommended_memory_gib < prereq.min_memory_gib:
         problems.append("prereq.recommended_memory_gib: must be at least prereq.min_memory_gib")
-    if config.auto_update.enabled:
-        # Accepted and documented so that configurations can be written now; refusing it beats
-        # an operator believing updates arrive at midnight when nothing fetches them.
-        problems.append(
-            "auto_update.enabled: the scheduled fetcher is not part of this release; "
-            "drop archives into paths.inbox (or fetch them there with your own timer)"
-        )
+    auto = config.auto_update
+    if auto.enabled and auto.feed is None:
+        problems.append("auto_update.feed: required when auto_update.enabled is true (the vendor's feed URL)")
+    if auto.feed is not None and not any(fnmatch.fnmatchcase("x.tgz.part", p) for p in config.inbox.ignore):
+        problems.append("inbox.ignore: must ignore *.part, where the fetcher downloads before renaming")
+    if auto.channel == "unstable" and "unstable" not in config.policy.channels:
+        problems.append("auto_update.channel: unstable archives would be rejected; add unstable to policy.channels")
     problems += _console_problems(config)
     names = [dump.name for dump in config.backup.dumps]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -388,6 +432,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     fix("platform", "root")
     fix("maintenance", "flag_file")
     fix("metrics", "textfile")
+    fix("auto_update", "ca_file")
     for section, key in (("platform", "data"), ("trust", "keys")):
         part = raw.get(section)
         if isinstance(part, dict) and isinstance(part.get(key), list):

@@ -1,4 +1,4 @@
-"""The control socket: how `approve`, `retry`, `rollback` and `resolve` reach the daemon.
+"""The control socket: how `approve`, `retry`, `rollback`, `resolve`, `reject` and `auto-update` reach the daemon.
 
 A Unix stream socket in the state folder, mode 0660, group `control.admin_group`;
 the peer's credentials are checked again on every connection (root, the
@@ -312,3 +312,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     # A rollback can take as long as a restore: wait for its answer while the daemon is alive.
     return _command(args, {"command": "rollback", "id": args.id}, long_running=True)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _command(args, {"command": "reject", "id": args.id, "note": args.note})
+
+
+def cmd_auto_update(args: argparse.Namespace) -> int:
+    return _command(args, {"command": "auto-update", "enabled": args.state == "on"})

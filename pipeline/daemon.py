@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from pipeline.autoupdate import AutoUpdater, schedule_clock
 from pipeline.config import Config, config_path
 from pipeline.control import ControlServer
 from pipeline.errors import AlreadyRunning, ConfigError, ControlRefused, JournalDamaged, JournalMissing
@@ -45,6 +46,7 @@ from pipeline.quickconfig import validate
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
 from pipeline.runner import Runner
+from pipeline.schedule import next_window_open
 
 if TYPE_CHECKING:
     from pipeline.console import ConsoleServer
@@ -147,6 +149,13 @@ class Daemon:
             return self.runner.resolve(int(run_id), str(request.get("note") or ""), who)  # type: ignore[arg-type]
         if command == "rollback":
             return self.runner.rollback(None if run_id is None else int(run_id), who).result()
+        if command == "reject":
+            return self.runner.reject(int(run_id), str(request.get("note") or ""), who)  # type: ignore[arg-type]
+        if command == "auto-update":
+            enabled = request.get("enabled")
+            if not isinstance(enabled, bool):
+                raise ValueError('expected {"command": "auto-update", "enabled": true|false}')
+            return self.updater.set_enabled(enabled, who)
         raise ControlRefused(f"unknown command {command!r}")
 
     def _console(self, status: Callable[[], dict[str, Any]]) -> ConsoleServer | None:
@@ -189,6 +198,7 @@ class Daemon:
             metrics.load(journal, installed_version(config.platform.root))
             inbox = Inbox(config, journal, observers, on_taken=lambda _run_id: self.runner.wake())
             inbox.recover()  # files a crash left between the inbox and their runs, before anything adds runs
+            self.updater = AutoUpdater(config, journal, metrics, clock=schedule_clock())
 
             def status() -> dict[str, Any]:
                 reader = Journal(config.paths.state / JOURNAL_NAME, readonly=True)
@@ -217,17 +227,20 @@ class Daemon:
                 console.start()
             inbox.start()
             self.runner.start()
+            self.updater.start()
             host, port = http.address
             log.info("dropgate running: inbox %s, status page http://%s:%d/", config.paths.inbox, host, port)
             notify(f"READY=1\nSTATUS=gate {journal.gate()}")
             try:
                 self._main_loop(journal, metrics, registry)
             finally:
+                self.updater.stop()
                 inbox.stop()
                 if console is not None:
                     console.stop()
                 control.stop()
                 self.runner.join()
+                self.updater.join(timeout=10)
                 http.stop()
                 if config.metrics.textfile is not None:
                     write_textfile(registry, config.metrics.textfile)
@@ -255,6 +268,7 @@ class Daemon:
                     log.warning("heartbeat: cannot touch it in %s: %s", self.config.paths.state, error)
                 beat_failed = True
             metrics.set_platform_version(installed_version(self.config.platform.root))
+            metrics.window_next_open.set(next_window_open(self.config.policy, now))
             if interval:
                 notify("WATCHDOG=1")
             gate = journal.gate()
@@ -273,6 +287,13 @@ class Daemon:
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.umask(UMASK)  # the unit sets it too; started by hand, the shell's umask must not decide
+    if getattr(args, "check", False):
+        from pipeline.config import load_config
+
+        path = config_path(args.config)
+        load_config(path)  # a ConfigError names every problem (exit 2); nothing is started or written
+        print(f"configuration OK: {path}")
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("transitions").setLevel(logging.WARNING)
     config = validate(config_path(args.config))  # and record it for the read-only commands

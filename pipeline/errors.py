@@ -110,3 +110,23 @@ class UploadRefused(DropgateError):
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RejectedByOperator(ArchiveRejected):
+    """An operator refused a run waiting in approval or window (`dropgate reject`)."""
+
+
+class ApprovalExpired(ArchiveRejected):
+    """No approval came within `policy.approval_expires`."""
+
+
+class FeedRejected(DropgateError):
+    """The vendor's feed is not acceptable (signature, format, expiry, sequence, product)."""
+
+
+class FetchFailed(DropgateError):
+    """The feed or an archive could not be downloaded, or the bytes are not what the feed signed."""
+
+
+class FetchStopped(FetchFailed):
+    """A download was stopped from outside (the daemon stops, auto-update switched off); its .part is kept."""

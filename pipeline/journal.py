@@ -84,6 +84,29 @@ CREATE TABLE IF NOT EXISTS gate_events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_open ON runs(outcome, resolved);
+CREATE TABLE IF NOT EXISTS settings (
+    id    INTEGER PRIMARY KEY,
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    ts    REAL NOT NULL,
+    who   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS settings_key ON settings(key, id);
+CREATE TABLE IF NOT EXISTS feed_checks (
+    id             INTEGER PRIMARY KEY,
+    started        REAL NOT NULL,
+    finished       REAL,
+    result         TEXT,
+    message        TEXT,
+    sequence       INTEGER,
+    digest         TEXT,
+    available      TEXT,
+    downloading    TEXT,
+    total          INTEGER,
+    fetched        TEXT,
+    fetched_sha256 TEXT,
+    notes          TEXT
+);
 """
 
 # Columns added after the first release: (table, column, declaration), added when missing.
@@ -182,6 +205,38 @@ class Run:
             "path": self.path,
             "fault": self.fault,
         }
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The latest value of a site setting changed by an operator, with who changed it and when."""
+
+    key: str
+    value: Any
+    ts: float
+    who: str
+
+
+@dataclass(frozen=True)
+class FeedCheck:
+    """One check of the vendor's feed: `result` is ok, failed, stopped, or None while it runs."""
+
+    id: int
+    started: float
+    finished: float | None
+    result: str | None
+    message: str | None
+    sequence: int | None
+    digest: str | None
+    available: str | None
+    downloading: str | None
+    total: int | None
+    fetched: str | None
+    fetched_sha256: str | None
+    notes: str | None
+
+
+_FEED_CHECK_COLUMNS = frozenset(FeedCheck.__dataclass_fields__) - {"id", "started"}
 
 
 @dataclass(frozen=True)
@@ -452,6 +507,79 @@ class Journal:
     def last_outcome_times(self) -> dict[str, float]:
         rows = self._query("SELECT outcome, MAX(finished) FROM runs WHERE outcome IS NOT NULL GROUP BY outcome")
         return {row[0]: float(row[1]) for row in rows if row[1] is not None}
+
+    # -- site settings and feed checks (the nightly job) ------------------------
+    def _query_new_table(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """A read of a table a journal written by an older dropgate may not have yet: none means no rows."""
+        try:
+            return self._query(sql, args)
+        except JournalError as error:
+            if "no such table" in str(error):
+                return []
+            raise
+
+    def set_setting(self, key: str, value: Any, who: str, *, ts: float | None = None) -> None:
+        """Record an operator's setting (kept as a history: the latest row per key is the value)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO settings (key, value, ts, who) VALUES (?, ?, ?, ?)",
+                (key, json.dumps(value), self.now() if ts is None else ts, who),
+            )
+
+    def setting(self, key: str) -> Setting | None:
+        rows = self._query_new_table(
+            "SELECT key, value, ts, who FROM settings WHERE key = ? ORDER BY id DESC LIMIT 1", (key,)
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Setting(row["key"], json.loads(row["value"]), float(row["ts"]), row["who"])
+
+    def start_feed_check(self, started: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute("INSERT INTO feed_checks (started) VALUES (?)", (started,))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def update_feed_check(self, check_id: int, **fields: Any) -> None:
+        unknown = set(fields) - _FEED_CHECK_COLUMNS
+        if unknown:
+            raise ValueError(f"not a feed check column: {', '.join(sorted(unknown))}")
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        with self._transaction() as db:
+            db.execute(f"UPDATE feed_checks SET {assignments} WHERE id = ?", (*fields.values(), check_id))  # noqa: S608
+
+    def feed_checks(self, limit: int = 20) -> list[FeedCheck]:
+        """Newest first."""
+        rows = self._query_new_table("SELECT * FROM feed_checks ORDER BY id DESC LIMIT ?", (limit,))
+        return [FeedCheck(**dict(row)) for row in rows]
+
+    def last_feed_check(self, *results: str) -> FeedCheck | None:
+        """The newest check, or the newest with one of `results`."""
+        if not results:
+            checks = self.feed_checks(limit=1)
+            return checks[0] if checks else None
+        marks = ",".join("?" * len(results))
+        rows = self._query_new_table(
+            f"SELECT * FROM feed_checks WHERE result IN ({marks}) ORDER BY id DESC LIMIT 1",  # noqa: S608
+            results,
+        )
+        return FeedCheck(**dict(rows[0])) if rows else None
+
+    def feed_seen(self) -> tuple[int, str] | None:
+        """The highest feed sequence accepted here, with its document's digest (the rollback guard)."""
+        rows = self._query_new_table(
+            "SELECT sequence, digest FROM feed_checks WHERE sequence IS NOT NULL "
+            "ORDER BY sequence DESC, id DESC LIMIT 1"
+        )
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def fetched_notes(self, sha256: str) -> str | None:
+        """The release notes the feed gave for an archive fetched with these bytes."""
+        rows = self._query_new_table(
+            "SELECT notes FROM feed_checks WHERE fetched_sha256 = ? ORDER BY id DESC LIMIT 1", (sha256,)
+        )
+        return rows[0][0] if rows else None
 
 
 def check_header(path: Path) -> bool:

@@ -5,7 +5,8 @@ sets the heartbeat. Names are a contract: monitoring and alert rules use them.
 prometheus_client adds the suffixes of some types, so three are exported under
 longer names than they are declared with: the counter `dropgate_runs` as
 `dropgate_runs_total`, the infos `dropgate_platform_version` and `dropgate_build`
-as `dropgate_platform_version_info` and `dropgate_build_info`.
+as `dropgate_platform_version_info` and `dropgate_build_info` (and the nightly
+job's `dropgate_feed_available_version` as `dropgate_feed_available_version_info`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,38 @@ class Metrics(Observer):
         self.backup_last = Gauge(
             "dropgate_backup_last_timestamp_seconds", "When the last snapshot was taken.", registry=registry
         )
+        self.auto_update_enabled = Gauge(
+            "dropgate_auto_update_enabled", "1 while automatic updates are switched on.", registry=registry
+        )
+        self.feed_last_check = Gauge(
+            "dropgate_feed_last_check_timestamp_seconds",
+            "When the vendor's feed was last checked (0: never).",
+            registry=registry,
+        )
+        self.feed_last_check_success = Gauge(
+            "dropgate_feed_last_check_success",
+            "1 if the last check of the feed succeeded, 0 if it failed (0 before the first).",
+            registry=registry,
+        )
+        self.feed_available_version = Info(
+            "dropgate_feed_available_version",
+            "The newest applicable version the feed offers (none: nothing to fetch).",
+            registry=registry,
+        )
+        self.feed_download_bytes = Gauge(
+            "dropgate_feed_download_bytes", "Bytes of the archive being fetched so far (0: none).", registry=registry
+        )
+        self.feed_download_total = Gauge(
+            "dropgate_feed_download_total_bytes",
+            "Full length of the archive being fetched (0: none).",
+            registry=registry,
+        )
+        self.window_next_open = Gauge(
+            "dropgate_window_next_open_timestamp_seconds",
+            "When the next maintenance window opens (0 when one is open or none is configured).",
+            registry=registry,
+        )
+        self.feed_available_version.info({"version": "none"})
         self.build.info({"version": __version__})
         for outcome in OUTCOMES:
             self.runs.labels(outcome=outcome)
@@ -129,6 +162,17 @@ class Metrics(Observer):
 
     def set_platform_version(self, version: str | None) -> None:
         self.platform_version.info({"version": version or "none"})
+
+    # -- the nightly job ------------------------------------------------------------
+    def feed_changed(self, *, enabled: bool, last_check: float, success: bool, available: str | None) -> None:
+        self.auto_update_enabled.set(1 if enabled else 0)
+        self.feed_last_check.set(last_check)
+        self.feed_last_check_success.set(1 if success else 0)
+        self.feed_available_version.info({"version": available or "none"})
+
+    def download_progress(self, done: int, total: int) -> None:
+        self.feed_download_bytes.set(done)
+        self.feed_download_total.set(total)
 
     # -- observer hooks ----------------------------------------------------------
     def gate_changed(self, gate: str) -> None:

@@ -69,6 +69,28 @@ class MaintenanceView:
 
 
 @dataclass(frozen=True)
+class TrustView:
+    keys: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    windows: tuple[str, ...]
+    windows_for: str
+    timezone: str | None
+
+
+@dataclass(frozen=True)
+class AutoUpdateView:
+    enabled: bool
+    feed: str | None
+    schedule: str
+    timezone: str | None
+    jitter: float
+    channel: str
+
+
+@dataclass(frozen=True)
 class QuickConfig:
     """The keys of a validated configuration that the read-only commands use, named as in `Config`."""
 
@@ -77,6 +99,9 @@ class QuickConfig:
     platform: PlatformView
     control: ControlView
     maintenance: MaintenanceView
+    trust: TrustView
+    policy: PolicyView
+    auto_update: AutoUpdateView
     source: Path | None = None
 
     @classmethod
@@ -87,6 +112,16 @@ class QuickConfig:
             platform=PlatformView(config.platform.root),
             control=ControlView(config.control.admin_group),
             maintenance=MaintenanceView(config.maintenance.flag_file),
+            trust=TrustView(tuple(config.trust.keys)),
+            policy=PolicyView(tuple(config.policy.windows), config.policy.windows_for, config.policy.timezone),
+            auto_update=AutoUpdateView(
+                config.auto_update.enabled,
+                config.auto_update.feed,
+                config.auto_update.schedule,
+                config.auto_update.timezone,
+                float(config.auto_update.jitter),
+                config.auto_update.channel,
+            ),
             source=config.source,
         )
 
@@ -99,6 +134,16 @@ class QuickConfig:
             "platform.root": str(self.platform.root),
             "control.admin_group": self.control.admin_group,
             "maintenance.flag_file": str(self.maintenance.flag_file),
+            "trust.keys": [str(key) for key in self.trust.keys],
+            "policy.windows": list(self.policy.windows),
+            "policy.windows_for": self.policy.windows_for,
+            "policy.timezone": self.policy.timezone,
+            "auto_update.enabled": self.auto_update.enabled,
+            "auto_update.feed": self.auto_update.feed,
+            "auto_update.schedule": self.auto_update.schedule,
+            "auto_update.timezone": self.auto_update.timezone,
+            "auto_update.jitter": self.auto_update.jitter,
+            "auto_update.channel": self.auto_update.channel,
         }
 
     @classmethod
@@ -118,12 +163,43 @@ class QuickConfig:
             raise TypeError("inbox.ignore: not a list of patterns")
         if not isinstance(group, str):
             raise TypeError("control.admin_group: not a name")
+
+        def texts(key: str) -> tuple[str, ...]:
+            value = values[key]
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise TypeError(f"{key}: not a list of strings")
+            return tuple(value)
+
+        def text(key: str, *, optional: bool = False) -> Any:
+            value = values[key]
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise TypeError(f"{key}: not a string")
+            return value
+
+        keys = values["trust.keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) and os.path.isabs(k) for k in keys):
+            raise TypeError("trust.keys: not a list of absolute paths")
+        enabled, jitter = values["auto_update.enabled"], values["auto_update.jitter"]
+        if not isinstance(enabled, bool) or isinstance(jitter, bool) or not isinstance(jitter, int | float):
+            raise TypeError("auto_update: enabled or jitter of the wrong type")
         return cls(
             paths=PathsView(path("paths.inbox"), path("paths.state"), path("paths.backups")),
             inbox=InboxView(tuple(ignore)),
             platform=PlatformView(path("platform.root")),
             control=ControlView(group),
             maintenance=MaintenanceView(path("maintenance.flag_file")),
+            trust=TrustView(tuple(Path(key) for key in keys)),
+            policy=PolicyView(
+                texts("policy.windows"), text("policy.windows_for"), text("policy.timezone", optional=True)
+            ),
+            auto_update=AutoUpdateView(
+                enabled,
+                text("auto_update.feed", optional=True),
+                text("auto_update.schedule"),
+                text("auto_update.timezone", optional=True),
+                float(jitter),
+                text("auto_update.channel"),
+            ),
             source=source,
         )
 
@@ -136,6 +212,16 @@ _FIELDS = (
     "platform.root",
     "control.admin_group",
     "maintenance.flag_file",
+    "trust.keys",
+    "policy.windows",
+    "policy.windows_for",
+    "policy.timezone",
+    "auto_update.enabled",
+    "auto_update.feed",
+    "auto_update.schedule",
+    "auto_update.timezone",
+    "auto_update.jitter",
+    "auto_update.channel",
 )
 
 

@@ -165,6 +165,7 @@ def status_dict(
         "now": moment,
         "unreadable": unreadable,
     }
+    result.update(_unattended(config, journal, moment, running=result["daemon"]["running"]))
     if journal is None:
         return result
     result["gate"] = journal.gate()
@@ -184,9 +185,56 @@ def status_dict(
         view["overdue"] = deadline is not None and moment > deadline
         view["overdue_seconds"] = moment - deadline if deadline is not None and moment > deadline else None
         result["run"] = view
-    result["queued"] = [{"id": r.id, "archive": r.archive, "arrived": r.arrived} for r in start_order(journal.queued())]
+    result["queued"] = [
+        {"id": r.id, "archive": r.archive, "arrived": r.arrived, "notes": journal.fetched_notes(r.sha256 or "")}
+        for r in start_order(journal.queued())
+    ]
     result["blocked_by"] = [{"id": r.id, "outcome": r.outcome, "error": r.error} for r in blocking]
     return result
+
+
+def _unattended(config: SiteConfig, journal: Journal | None, now: float, *, running: bool) -> dict[str, Any]:
+    """The nightly job and the maintenance windows, for `status` and the page."""
+    from pipeline.autoupdate import view
+    from pipeline.schedule import describe_windows
+
+    return {
+        "auto_update": view(config, journal, now=now, running=running),
+        "window": describe_windows(config.policy, now) if config.policy.windows else None,
+    }
+
+
+def release_notes(config: SiteConfig, journal: Journal, run: Run) -> str | None:
+    """A run's release notes: from its validated manifest, the feed it was fetched from, or its signed head."""
+    manifest = run.facts.get("manifest")
+    if manifest:
+        return str(manifest.get("notes") or "")
+    notes = journal.fetched_notes(run.sha256) if run.sha256 else None
+    if notes is not None or run.outcome is not None:
+        return notes
+    from pipeline.archive import authenticate
+    from pipeline.signing import load_trusted_keys
+
+    try:
+        return authenticate(Path(run.path), load_trusted_keys(config.trust.keys)).notes
+    except DropgateError:
+        return None  # not authenticated yet: nothing of it is shown
+
+
+def _window_lines(window: dict[str, Any] | None, config: SiteConfig) -> list[str]:
+    if window is None:
+        return []
+    from pipeline.schedule import local_text, zone
+
+    tz = zone(config.policy.timezone)
+    if window["open"]:
+        state = f"open until {local_text(window['closes'], tz)}"
+    elif window["next_open"] is not None:
+        state = f"closed; the next opens {local_text(window['next_open'], tz)}"
+    else:
+        state = "closed; none opens within a week"
+    spec = ", ".join(window["windows"])
+    return [f"windows:   {spec} ({window['timezone']}, for {window['windows_for']} updates): {state}"]
 
 
 def _when(ts: float | None) -> str:
@@ -217,8 +265,11 @@ def _daemon_line(daemon: dict[str, Any], color: bool) -> str:
     return f"running (pid {daemon['pid']})"
 
 
-def render_status(status: dict[str, Any], *, color: bool = False) -> str:
-    """`status` as text; every name and reason escaped, what is wrong in red when `color`."""
+def render_status(status: dict[str, Any], config: SiteConfig | None = None, *, color: bool = False) -> str:
+    """`status` as text; every name and reason escaped, what is wrong in red when `color`.
+
+    With `config`, also the maintenance windows and the nightly job (in their time zones).
+    """
     p = printable
     lines = []
     daemon = status["daemon"]
@@ -262,6 +313,12 @@ def render_status(status: dict[str, Any], *, color: bool = False) -> str:
         lines.append(f"queued:    run {queued['id']} {p(queued['archive'])} (since {_when(queued['arrived'])})")
     for part in status.get("unreadable", []):
         lines.append(f"not shown: {part['what']} {p(part['path'])}: {part['error']} for this user")
+    if config is not None:
+        from pipeline.autoupdate import render
+        from pipeline.schedule import zone
+
+        lines += _window_lines(status.get("window"), config)
+        lines += [p(line) for line in render(status["auto_update"], zone(config.auto_update.timezone))]
     return "\n".join(lines)
 
 
@@ -286,10 +343,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2, default=str))
         elif args.watch:
-            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status, color=_color(sys.stdout)) + "\n")
+            sys.stdout.write("\x1b[H\x1b[2J" + render_status(status, config, color=_color(sys.stdout)) + "\n")
             sys.stdout.flush()
         else:
-            print(render_status(status, color=_color(sys.stdout)))
+            print(render_status(status, config, color=_color(sys.stdout)))
         if not args.watch:
             return 0
         time.sleep(args.interval)
@@ -324,8 +381,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     events = journal.events(run.id)
     timings = journal.step_timings(run.id)
     log_path = config.paths.state / "runs" / f"{run.id}.log"
+    notes = release_notes(config, journal, run)
     if args.json:
         view = run_view(run)
+        view["notes"] = notes
         view["events"] = [{"ts": e.ts, "step": e.step, "message": e.message} for e in events]
         view["steps"] = timings
         view["facts"] = run.facts
@@ -346,6 +405,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if run.resolved:
         print(f"  resolved: {_when(run.resolved)}: {p(run.resolved_note)}")
     print(f"  archive:  {p(run.path)}")
+    if notes is not None:
+        print("release notes:")
+        for line in notes.splitlines() or ["(none)"]:
+            print(f"  {p(line)}")
     print("events:")
     for event in events:
         print(f"  {_when(event.ts)}  {event.step:12} {p(event.message)}")

@@ -254,6 +254,24 @@ class Runner(threading.Thread):
             ctx.event(f"approved by {who}")
         return f"run {run_id} approved; it continues"
 
+    def reject(self, run_id: int, note: str, who: str) -> str:
+        """Refuse a run waiting in approval or window: it ends `rejected`, its archive is set aside."""
+        with self._lock:
+            ctx = self._ctx
+            if ctx is None or ctx.run_id != run_id or ctx.step not in ("approval", "window"):
+                run = self.journal.run(run_id)
+                if run is None:
+                    raise ControlRefused(f"there is no run {run_id}")
+                where = run.outcome or run.step
+                raise ControlRefused(
+                    f"run {run_id} is not waiting in approval or window (it is {where}): "
+                    "only a waiting run can be rejected"
+                )
+            ctx.save_facts(rejected_at=self.now(), rejected_by=who, rejected_note=note)
+            ctx.event(f"rejected by {who}: {note}")
+            ctx.cancel.cancel(f"rejected by {who}", resumable=False)
+        return f"run {run_id} rejected; its archive is set aside in {self.state_dir / 'rejected'}"
+
     def resolve(self, run_id: int, note: str, who: str) -> str:
         run = self.journal.run(run_id)
         if run is None:

@@ -9,7 +9,10 @@ the key id travels with the key and an operator can read what a file is:
 
 Lines starting with `#` and blank lines are ignored. A signature is made over
 `SIGNATURE_CONTEXT + manifest bytes`, so a vendor key used for dropgate cannot
-be tricked into signing anything that reads as a manifest elsewhere.
+be tricked into signing anything that reads as a manifest elsewhere. The feed
+(pipeline/feed.py) is signed with the same keys over `FEED_SIGNATURE_CONTEXT +
+feed bytes`: the two contexts differ from their first distinct byte on, so a
+feed's signature never verifies as a manifest's, nor the other way round.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pipeline.errors import ConfigError, KeyFileError
 PUBLIC_TAG = "dropgate-ed25519-public"
 PRIVATE_TAG = "dropgate-ed25519-private"
 SIGNATURE_CONTEXT = b"dropgate manifest v1\n"
+FEED_SIGNATURE_CONTEXT = b"dropgate feed v1\n"
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_KEY_FILE = 4096
 
@@ -42,8 +46,8 @@ class SigningKey:
     key_id: str
     key: Ed25519PrivateKey
 
-    def sign(self, manifest: bytes) -> bytes:
-        return self.key.sign(SIGNATURE_CONTEXT + manifest)
+    def sign(self, manifest: bytes, *, context: bytes = SIGNATURE_CONTEXT) -> bytes:
+        return self.key.sign(context + manifest)
 
     @property
     def public(self) -> Ed25519PublicKey:
@@ -62,13 +66,13 @@ class TrustStore:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def verify(self, key_id: str, manifest: bytes, signature: bytes) -> bool:
-        """True when `signature` over `manifest` verifies with the trusted key `key_id`."""
+    def verify(self, key_id: str, manifest: bytes, signature: bytes, *, context: bytes = SIGNATURE_CONTEXT) -> bool:
+        """True when `signature` over `context + manifest` verifies with the trusted key `key_id`."""
         key = self.keys.get(key_id)
         if key is None:
             return False
         try:
-            key.verify(signature, SIGNATURE_CONTEXT + manifest)
+            key.verify(signature, context + manifest)
         except InvalidSignature:
             return False
         return True

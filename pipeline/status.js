@@ -76,8 +76,41 @@ function renderNotes(st) {
 
 function renderQueue(st) {
   const q = st.uploading.map(u => `uploading ${text(u.name)}: ${u.bytes} of ${u.total} bytes`)
-    .concat(st.queued.map(x => `queued: run ${x.id} ${text(x.archive)}`));
+    .concat(st.queued.map(x => `queued: run ${x.id} ${text(x.archive)}` +
+      (x.notes ? `<pre>${text(x.notes)}</pre>` : "")));
   document.getElementById("queue").innerHTML = q.length ? q.join("<br>") : "nothing waiting";
+}
+
+function renderAutoUpdate(st) {
+  const a = st.auto_update;
+  const box = document.getElementById("auto-update");
+  if (!a) { box.textContent = "–"; return; }
+  let html = `<div><b>${a.enabled ? "ON" : "OFF"}</b> ` +
+    (a.set_by ? `(switched by ${text(a.set_by)} at ${when(a.set_at)})` : "(configuration default)") +
+    ` — schedule <code>${text(a.schedule)}</code> ${text(a.timezone)}, channel ${text(a.channel)}</div>`;
+  if (a.next_check) html += `<div>next check: ${when(a.next_check)}</div>`;
+  const c = a.last_check;
+  if (c) html += `<div class="${c.result === "failed" ? "warn" : ""}">last check: ${when(c.started)}: ` +
+    `${text(c.result || "running")}${c.message ? " — " + text(c.message) : ""}</div>`;
+  if (a.available_version) html += `<div>newest applicable version offered: ${text(a.available_version)}</div>`;
+  const d = a.download;
+  if (d) {
+    html += `<div>${d.active ? "downloading" : "paused"} ${text(d.name)}: ${d.bytes} of ${d.total} bytes</div>` +
+      `<div class="bar"><div></div></div>`;
+  }
+  box.innerHTML = html;
+  const bar = box.querySelector(".bar > div");
+  if (bar) bar.style.width = (d.total ? Math.min(100, d.bytes / d.total * 100) : 0) + "%";  // no inline style in markup
+}
+
+function renderWindows(st) {
+  const w = st.window;
+  document.getElementById("windows-box").hidden = !w;
+  if (!w) return;
+  const state = w.open ? `open until ${when(w.closes)}` :
+    w.next_open ? `closed; the next opens ${when(w.next_open)}` : "closed; none opens within a week";
+  document.getElementById("windows").innerHTML =
+    `<div>${text(w.windows.join(", "))} (${text(w.timezone)}, for ${text(w.windows_for)} updates): ${state}</div>`;
 }
 
 function renderHistory(hist) {
@@ -104,6 +137,8 @@ async function refresh() {
     renderRun(st);
     renderNotes(st);
     renderQueue(st);
+    renderWindows(st);
+    renderAutoUpdate(st);
     renderHistory(hist);
     renderEvents(st);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();

@@ -1,77 +1,64 @@
 """`window`: wait until an allowed maintenance window is open (only when policy.windows is set).
 
-A run that needs downtime does not start when the last comparable runs say its
-downtime would overrun what is left of the window.
+Windows are read in `policy.timezone` (pipeline/schedule.py says what happens
+on the two DST nights). With `policy.windows_for: downtime` (the default) only
+a run that needs downtime waits; with `all`, every run does. A run that needs
+downtime does not start when the last comparable runs say its downtime would
+overrun what is left of the window: it waits for a window long enough. An
+operator may refuse a waiting run (`dropgate reject ID --note ...`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.context import StepContext
+from pipeline.errors import StepAborted
+from pipeline.schedule import Window, local_text, next_opening, policy_windows, time_left, zone, zone_name
+from states.approval import refuse_if_rejected
 
-DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 POLL_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class Window:
-    days: frozenset[int]
-    start: dt.time
-    end: dt.time
-
-    @classmethod
-    def parse(cls, text: str) -> Window:
-        match = re.match(r"^(\w{3})(?:-(\w{3}))?\s+(\d\d):(\d\d)-(\d\d):(\d\d)$", text.strip())
-        if not match:
-            raise ValueError(f"window {text!r} is not like 'Mon-Tue 07:00-12:00'")
-        first = DAYS.index(match.group(1))
-        last = DAYS.index(match.group(2) or match.group(1))
-        days = frozenset(range(first, last + 1)) if first <= last else frozenset([*range(first, 7), *range(last + 1)])
-        numbers = [int(match.group(i)) for i in range(3, 7)]
-        return cls(days, dt.time(numbers[0], numbers[1]), dt.time(numbers[2], numbers[3]))
-
-    def remaining(self, moment: dt.datetime) -> float | None:
-        """Seconds left in this window at `moment`, or None when it is not open."""
-        if moment.weekday() not in self.days:
-            return None
-        start = moment.replace(hour=self.start.hour, minute=self.start.minute, second=0, microsecond=0)
-        end = moment.replace(hour=self.end.hour, minute=self.end.minute, second=0, microsecond=0)
-        if not start <= moment < end:
-            return None
-        return (end - moment).total_seconds()
-
-
-def open_window(windows: Sequence[Window], moment: dt.datetime) -> float | None:
-    """The most time left in any open window at `moment`, or None when none is open."""
-    left = [r for r in (w.remaining(moment) for w in windows) if r is not None]
-    return max(left) if left else None
+def windows_of(config: Config) -> list[Window]:
+    return policy_windows(config.policy)
 
 
 def required(config: Config, facts: dict[str, Any]) -> bool:
-    return bool(config.policy.windows)
+    if not config.policy.windows:
+        return False
+    return config.policy.windows_for == "all" or bool(facts.get("downtime"))
 
 
 def run(ctx: StepContext) -> None:
-    windows = [Window.parse(text) for text in ctx.config.policy.windows]
+    try:
+        _wait_for_window(ctx)
+    except StepAborted:
+        refuse_if_rejected(ctx)  # the rejection is what stopped the wait
+        raise
+
+
+def _wait_for_window(ctx: StepContext) -> None:
+    tz = zone(ctx.config.policy.timezone)
+    windows = windows_of(ctx.config)
     expected = float(ctx.facts.get("expected_downtime_seconds") or 0.0) if ctx.facts.get("downtime") else 0.0
     announced = False
     while True:
-        left = open_window(windows, dt.datetime.fromtimestamp(ctx.now()))
+        now = ctx.now()
+        left = time_left(windows, tz, now)
         if left is not None and left >= expected:
             ctx.event(f"maintenance window open ({left / 60:.0f} min left)")
             return
+        opens = next_opening(windows, tz, now, lasting=expected)
         if not announced:
             why = (
                 "no window is open"
                 if left is None
                 else (f"the expected downtime ({expected:.0f}s) would overrun the open window ({left:.0f}s left)")
             )
-            ctx.event(f"waiting for a window ({', '.join(ctx.config.policy.windows)}): {why}")
+            when = f"; the next that fits opens {local_text(opens, tz)}" if opens else "; no window within a week fits"
+            ctx.event(f"waiting for a window ({', '.join(ctx.config.policy.windows)}, {zone_name(tz)}): {why}{when}")
+            ctx.save_facts(window_next_open=opens)
             announced = True
-        ctx.wait(POLL_SECONDS)
+        ctx.wait(min(POLL_SECONDS, max(0.5, opens - now)) if opens else POLL_SECONDS)

@@ -53,6 +53,7 @@ ALERTS = {
     "DropgateMaintenanceTooLong",
     "DropgateInboxBacklog",
     "DropgateNoRecentSuccess",
+    "DropgateFeedChecksFailing",
 }
 
 

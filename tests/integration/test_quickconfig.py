@@ -177,3 +177,29 @@ def test_a_flow_style_configuration_finds_its_record_through_the_parser(tmp_path
     quick = load_quick(config)
     assert quick.paths.state == tmp_path / "st"
     assert quick.platform.root == tmp_path / "p"
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        ({}, None),
+        ({"platform": {"keep_releases": "many"}}, "platform.keep_releases"),
+        ({"inbox": {"colour": "blue"}}, "inbox.colour"),
+        ({"console": {"listen": "0.0.0.0:9109"}}, "console.tls"),
+    ],
+)
+def test_run_check_validates_the_configuration_and_starts_nothing(site: Site, edit: dict, problem: str | None) -> None:
+    # Given a configuration (valid, or with one problem), and no daemon ever started here
+    site.write_config(**edit)
+    before = sorted(p.name for p in site.state.iterdir()) if site.state.exists() else []
+    # When `dropgate run --check` runs (what the Ansible role validates a new configuration with)
+    result = site.cli("run", "--check", timeout=60)
+    # Then it says whether the file is valid, by its exit code and one line, and creates nothing
+    if problem is None:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"configuration OK: {site.config_path}"
+    else:
+        assert result.returncode == 2, result.stdout
+        assert problem in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    after = sorted(p.name for p in site.state.iterdir()) if site.state.exists() else []
+    assert after == before

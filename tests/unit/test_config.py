@@ -138,6 +138,54 @@ def test_a_missing_config_file_is_a_configuration_error(tmp_path: Path) -> None:
     assert "nope.yaml: cannot read the configuration" in result.stderr
 
 
-def test_auto_update_cannot_be_switched_on_before_the_fetcher_exists(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"auto_update.enabled: the scheduled fetcher is not part of this release"):
-        parse_config(minimal(auto_update={"enabled": True, "feed": "https://vendor.example/feed"}), base=tmp_path)
+def test_auto_update_can_be_switched_on_with_a_feed_and_reads_every_key(tmp_path: Path) -> None:
+    config = parse_config(
+        minimal(
+            auto_update={
+                "enabled": True, "feed": "https://vendor.example/gts/feed.json", "schedule": "30 2 * * 1-5",
+                "timezone": "Europe/Paris", "jitter": "30m", "ca_file": "ca.pem", "bandwidth": "10MiB/s",
+            },
+            policy={"timezone": "America/New_York", "windows_for": "all", "approval_expires": "3d",
+                    "windows": ["Sat 22:00-Sun 04:00", "Mon-Fri 22:00-04:00"]},
+        ),
+        base=tmp_path,
+    )
+    auto = config.auto_update
+    assert (auto.enabled, auto.schedule, auto.timezone, auto.jitter) == (True, "30 2 * * 1-5", "Europe/Paris", 1800)
+    assert auto.ca_file == tmp_path / "ca.pem" and auto.bandwidth == 10 * 2**20
+    assert (config.policy.timezone, config.policy.windows_for, config.policy.approval_expires) == (
+        "America/New_York", "all", 3 * 86400)
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [
+        ({"auto_update": {"enabled": True}}, "auto_update.feed: required when auto_update.enabled is true"),
+        ({"auto_update": {"feed": "http://vendor.example/feed.json"}},
+         "auto_update.feed: 'http://vendor.example/feed.json' is not an https:// URL"),
+        ({"auto_update": {"feed": "https://"}}, "auto_update.feed: 'https://' is not an https:// URL"),
+        ({"auto_update": {"schedule": "0 0 * *"}}, "auto_update.schedule: '0 0 * *' is not a cron schedule"),
+        ({"auto_update": {"schedule": "0 0 * * * *"}}, "auto_update.schedule: '0 0 * * * *' is not a cron schedule"),
+        ({"auto_update": {"schedule": "61 0 * * *"}}, "auto_update.schedule: '61 0 * * *' is not a cron schedule"),
+        ({"auto_update": {"timezone": "Mars/Olympus"}}, "auto_update.timezone: 'Mars/Olympus' is not an IANA"),
+        ({"policy": {"timezone": "../../etc/passwd"}}, "policy.timezone: '../../etc/passwd' is not an IANA"),
+        ({"auto_update": {"bandwidth": "1KB/s"}}, "auto_update.bandwidth: a rate below 16KiB/s"),
+        ({"auto_update": {"bandwidth": "fast"}}, "auto_update.bandwidth: expected a rate such as 10MiB/s"),
+        ({"auto_update": {"jitter": "soon"}}, "auto_update.jitter: expected a duration"),
+        ({"auto_update": {"channel": "unstable"}}, "auto_update.channel: unstable archives would be rejected"),
+        ({"auto_update": {"feed": "https://v.example/f.json"}, "inbox": {"ignore": [".*"]}},
+         "inbox.ignore: must ignore *.part"),
+        ({"policy": {"windows_for": "patches"}}, "policy.windows_for: Input should be 'downtime' or 'all'"),
+        ({"policy": {"approval_expires": "a week"}}, "policy.approval_expires: expected a duration"),
+        ({"policy": {"windows": ["Sat 22:00-Sat 21:00"]}}, "ends before it opens"),
+        ({"policy": {"windows": ["Mon 09:00-09:00"]}}, "opens and closes at the same time"),
+        ({"policy": {"windows": ["Mon 25:00-26:00"]}}, "25:00 is not a time of day"),
+        ({"policy": {"windows": ["Mon 24:00-02:00"]}}, "24:00 is not a time of day"),
+    ],
+)
+def test_auto_update_and_window_keys_are_checked_with_their_key_path(
+    tmp_path: Path, section: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(**section), base=tmp_path)
+    assert any(p.startswith(problem) or problem in p for p in caught.value.problems), caught.value.problems

@@ -65,3 +65,28 @@ def test_the_textfile_is_written_atomically_for_node_exporter(tmp_path: Path) ->
     write_textfile(registry, target)
     assert "dropgate_heartbeat_timestamp_seconds 123.0" in target.read_text()
     assert [p.name for p in target.parent.iterdir()] == ["dropgate.prom"]
+
+
+def test_the_nightly_job_and_the_windows_are_exported() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    # Before anything is known: off, never checked, nothing offered, no window
+    assert value(registry, "dropgate_auto_update_enabled") == 0.0
+    assert value(registry, "dropgate_feed_last_check_timestamp_seconds") == 0.0
+    assert value(registry, "dropgate_feed_available_version_info", version="none") == 1.0
+    assert value(registry, "dropgate_window_next_open_timestamp_seconds") == 0.0
+    # A check that found 3.19.274, during its download
+    metrics.feed_changed(enabled=True, last_check=1000.0, success=True, available="3.19.274")
+    metrics.download_progress(512, 2048)
+    assert value(registry, "dropgate_auto_update_enabled") == 1.0
+    assert value(registry, "dropgate_feed_last_check_timestamp_seconds") == 1000.0
+    assert value(registry, "dropgate_feed_last_check_success") == 1.0
+    assert value(registry, "dropgate_feed_available_version_info", version="3.19.274") == 1.0
+    assert value(registry, "dropgate_feed_available_version_info", version="none") is None
+    assert (value(registry, "dropgate_feed_download_bytes"), value(registry, "dropgate_feed_download_total_bytes")) == (
+        512.0, 2048.0)
+    # A failed check, switched off
+    metrics.feed_changed(enabled=False, last_check=2000.0, success=False, available=None)
+    assert value(registry, "dropgate_feed_last_check_success") == 0.0
+    assert value(registry, "dropgate_auto_update_enabled") == 0.0
+    assert value(registry, "dropgate_feed_available_version_info", version="none") == 1.0
