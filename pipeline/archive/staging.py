@@ -1,0 +1,283 @@
+"""The payload: checked member by member against the signed manifest and the limits, streamed into staging."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pipeline.archive.authentication import authenticate, open_archive, read_head
+from pipeline.archive.format import CHUNK, MANIFEST_NAME, PAYLOAD, SIGNATURE_NAME
+from pipeline.archive.manifest import FileEntry, Manifest
+from pipeline.archive.names import path_problem, quote
+from pipeline.archive.reader import REGULAR, TAR_KINDS, Inflater, TarHeader, TarStream, skip_padding
+from pipeline.config import Limits
+from pipeline.errors import ArchiveRejected, StepFailed
+from pipeline.signing import TrustStore
+
+Checkpoint = Callable[[], None]
+Progress = Callable[[float], None]
+
+_LATEST_MTIME = 2**33  # year 2242: later (or negative) times in a header are clamped
+
+
+def _nothing() -> None:
+    return None
+
+
+def _ignore_progress(_ratio: float) -> None:
+    return None
+
+
+def _check_limits(manifest: Manifest, limits: Limits) -> None:
+    """What the signed manifest announces must fit the limits before a byte of payload is read."""
+    entries = len(manifest.files) + len(manifest.dirs)
+    if entries > limits.max_members:
+        raise ArchiveRejected(f"the manifest lists {entries} entries, above limits.max_members ({limits.max_members})")
+    if manifest.length > limits.max_archive_bytes:
+        raise ArchiveRejected(
+            f"the archive is {manifest.length} bytes, above limits.max_archive_bytes ({limits.max_archive_bytes})"
+        )
+    for path, entry in manifest.files.items():
+        if entry.size > limits.max_file_bytes:
+            raise ArchiveRejected(
+                f"file {quote(path)} is {entry.size} bytes, above limits.max_file_bytes ({limits.max_file_bytes})"
+            )
+    total = manifest.unpacked_bytes
+    if total > limits.max_unpacked_bytes:
+        raise ArchiveRejected(
+            f"the payload unpacks to {total} bytes, above limits.max_unpacked_bytes ({limits.max_unpacked_bytes})"
+        )
+
+
+@dataclass
+class _Staging:
+    """Where payload files go: a folder, or nowhere (verify only hashes)."""
+
+    dest: Path | None
+    dirs_made: set[str] = field(default_factory=set)
+
+    def make_dir(self, rel: str) -> None:
+        if self.dest is None or rel in self.dirs_made:
+            return
+        parent = rel.rpartition("/")[0]
+        if parent:
+            self.make_dir(parent)
+        with contextlib.suppress(FileExistsError):
+            (self.dest / rel).mkdir(mode=0o755)
+        self.dirs_made.add(rel)
+
+    @contextlib.contextmanager
+    def open_file(self, rel: str, entry: FileEntry, mtime: int) -> Iterator[IO[bytes] | None]:
+        if self.dest is None:
+            yield None
+            return
+        parent = rel.rpartition("/")[0]
+        if parent:
+            self.make_dir(parent)
+        target = self.dest / rel
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(target, flags, 0o600), "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fchmod(handle.fileno(), entry.mode)
+            mtime = min(max(mtime, 0), _LATEST_MTIME)
+            os.utime(handle.fileno(), (mtime, mtime))
+
+
+def _member_path(header: TarHeader, manifest: Manifest, seen: set[str]) -> tuple[str, bool] | None:
+    """The release-relative path of a payload member and whether it is a folder; None for `payload/` itself.
+
+    Every rule of the allowlist is checked here, in the order an operator
+    would want to hear about it.
+    """
+    try:
+        name = header.name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveRejected(f"member {quote(header.name)}: the name is not valid UTF-8") from None
+    kind = header.kind
+    if kind not in REGULAR and kind != b"5":
+        what = TAR_KINDS.get(kind, f"an entry of unknown tar type {kind!r}")
+        target = f" (→ {quote(header.link.decode('utf-8', 'replace'))})" if header.link else ""
+        raise ArchiveRejected(f"member {quote(name)} is {what}{target}; only regular files and folders are allowed")
+    is_dir = kind == b"5"
+    if is_dir and name.endswith("/"):
+        name = name[:-1]
+    problem = path_problem(name)
+    if problem:
+        raise ArchiveRejected(f"member {quote(name)}: {problem}")
+    if name == PAYLOAD and is_dir:
+        return None
+    if not name.startswith(PAYLOAD + "/"):
+        raise ArchiveRejected(
+            f"member {quote(name)} is outside {PAYLOAD}/ "
+            f"(only {MANIFEST_NAME} and {SIGNATURE_NAME} may precede the payload)"
+        )
+    if header.mode & 0o7000:
+        raise ArchiveRejected(
+            f"member {quote(name)}: mode {header.mode & 0o7777:04o} has a setuid, setgid or sticky bit; not allowed"
+        )
+    rel = name[len(PAYLOAD) + 1 :]
+    if rel in seen:
+        raise ArchiveRejected(f"member {quote(name)} appears twice in the archive")
+    seen.add(rel)
+    if is_dir:
+        if rel not in manifest.dirs:
+            listed = "as a file" if rel in manifest.files else "at all"
+            raise ArchiveRejected(f"member {quote(name)} is a folder that the signed manifest does not list {listed}")
+        return rel, True
+    entry = manifest.files.get(rel)
+    if entry is None:
+        listed = " (it lists a folder there)" if rel in manifest.dirs else ""
+        raise ArchiveRejected(f"member {quote(name)} is not listed in the signed manifest{listed}")
+    if header.size != entry.size:
+        raise ArchiveRejected(
+            f"member {quote(name)}: {header.size} bytes in the archive, the manifest says {entry.size}"
+        )
+    if header.mode & 0o777 != entry.mode:
+        raise ArchiveRejected(
+            f"member {quote(name)}: mode {header.mode & 0o777:04o} in the archive, the manifest says {entry.mode:04o}"
+        )
+    return rel, False
+
+
+def _stream_payload(
+    inflater: Inflater,
+    manifest: Manifest,
+    staging: _Staging,
+    *,
+    checkpoint: Checkpoint,
+    progress: Progress,
+) -> None:
+    tar = TarStream(inflater)
+    seen: set[str] = set()
+    total = max(1, manifest.length)
+    reported = 0.0
+    chunks = 0
+    while (header := tar.next()) is not None:
+        checkpoint()
+        if tar.index > len(manifest.files) + len(manifest.dirs) + 1:
+            raise ArchiveRejected(
+                f"more members than the {len(manifest.files) + len(manifest.dirs)} the manifest lists"
+            )
+        found = _member_path(header, manifest, seen)
+        if found is None or found[1]:
+            if header.size:
+                raise ArchiveRejected(
+                    f"member {quote(header.name)}: a folder entry that carries {header.size} bytes of data"
+                )
+            if found is not None:
+                staging.make_dir(found[0])
+            continue
+        rel = found[0]
+        entry = manifest.files[rel]
+        hasher = hashlib.sha256()
+        remaining = entry.size
+        with staging.open_file(rel, entry, header.mtime) as out:
+            while remaining:
+                data = inflater.read(min(remaining, CHUNK))
+                if not data:
+                    raise ArchiveRejected(
+                        f"member {quote(PAYLOAD + '/' + rel)} is cut short: the archive ends inside it"
+                    )
+                hasher.update(data)
+                if out is not None:
+                    out.write(data)
+                remaining -= len(data)
+                chunks += 1
+                if chunks % 16 == 0:
+                    checkpoint()
+                    done = inflater.consumed / total
+                    if done - reported >= 0.01:
+                        progress(done)
+                        reported = done
+            digest = hasher.hexdigest()
+            if digest != entry.sha256:
+                raise ArchiveRejected(
+                    f"member {quote(PAYLOAD + '/' + rel)}: SHA-256 {digest} "
+                    f"does not match the manifest's {entry.sha256}"
+                )
+        skip_padding(inflater, entry.size, f"member {quote(rel)}")
+        done = inflater.consumed / total
+        if done - reported >= 0.01:
+            progress(done)
+            reported = done
+    while trailing := inflater.read(CHUNK):
+        if trailing.count(0) != len(trailing):
+            raise ArchiveRejected("data after the tar end-of-archive marker (only zero padding may follow it)")
+    for path in manifest.files:
+        if path not in seen:
+            raise ArchiveRejected(f"file {quote(path)} is listed in the signed manifest but missing from the payload")
+    for path in manifest.dirs:
+        if path not in seen:
+            raise ArchiveRejected(f"folder {quote(path)} is listed in the signed manifest but missing from the payload")
+    progress(1.0)
+
+
+def _check_payload(
+    path: Path,
+    manifest: Manifest,
+    limits: Limits,
+    staging: _Staging,
+    *,
+    checkpoint: Checkpoint,
+    progress: Progress,
+) -> None:
+    _check_limits(manifest, limits)
+    with open_archive(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size != manifest.length:
+            raise ArchiveRejected(f"the archive is {size} bytes, its manifest announces {manifest.length}")
+        inflater = Inflater(handle, limit=size, max_ratio=limits.max_ratio)
+        manifest_bytes, _ = read_head(inflater)
+        if hashlib.sha256(manifest_bytes).hexdigest() != manifest.digest:
+            raise ArchiveRejected("the archive changed after its signature was checked (its manifest differs)")
+        _stream_payload(inflater, manifest, staging, checkpoint=checkpoint, progress=progress)
+
+
+def stage_payload(
+    path: Path,
+    manifest: Manifest,
+    dest: Path,
+    limits: Limits,
+    *,
+    checkpoint: Checkpoint = _nothing,
+    progress: Progress = _ignore_progress,
+) -> None:
+    """Stream the payload of an authenticated archive into `dest` (created here, absent before).
+
+    One pass over the archive: each member is checked, written and hashed on
+    the way. On any failure `dest` is removed and the error re-raised, so a
+    rejected archive leaves nothing behind; nothing is ever written outside `dest`.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(mode=0o755)
+    except FileExistsError:
+        raise StepFailed(f"the staging folder {dest} already exists; remove it first") from None
+    try:
+        _check_payload(path, manifest, limits, _Staging(dest), checkpoint=checkpoint, progress=progress)
+    except BaseException as error:
+        shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise StepFailed(f"cannot write the staging folder {dest}: {error.strerror or error}") from error
+        raise
+
+
+def verify_archive(
+    path: Path,
+    keys: TrustStore,
+    limits: Limits | None = None,
+    *,
+    checkpoint: Checkpoint = _nothing,
+    progress: Progress = _ignore_progress,
+) -> Manifest:
+    """Authenticate and check every payload file without writing anything (`dropgate verify`)."""
+    manifest = authenticate(path, keys)
+    _check_payload(path, manifest, limits or Limits(), _Staging(None), checkpoint=checkpoint, progress=progress)
+    return manifest
