@@ -185,13 +185,13 @@ def members_for(files: dict[str, bytes], modes: dict[str, int] | None = None) ->
     return [Member(f"payload/{path}", data, mode=(modes or {}).get(path, 0o644)) for path, data in files.items()]
 
 
-def _head(manifest: bytes, signature: bytes) -> bytes:
+def _head(manifest: bytes, signature: bytes, level: int = 0) -> bytes:
     blocks = b""
     for name, data in (("manifest.json", manifest), ("manifest.sig", signature)):
         info = tarfile.TarInfo(name)
         info.size = len(data)
         blocks += info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + bytes(-len(data) % 512)
-    return gzip.compress(blocks, compresslevel=0, mtime=0)
+    return gzip.compress(blocks, compresslevel=level, mtime=0)
 
 
 Signer = Callable[[bytes], tuple[str, bytes]]
@@ -210,8 +210,14 @@ def forge(
     *,
     signature_json: Callable[[str, bytes], bytes] | None = None,
     extra: bytes = b"",
+    head_level: int = 0,
 ) -> Path:
-    """Write an archive from manifest `fields`, a payload member and a signer; `length` is found as a fixed point."""
+    """Write an archive from manifest `fields`, a payload member and a signer; `length` is found as a fixed point.
+
+    The head is compressed at `head_level`; at levels above 0 the length may not
+    settle (its digits change the compressed size): then the last try is written
+    and `authenticate` rejects it for its length.
+    """
     length = len(payload)
     for _ in range(10):
         manifest = json.dumps({"length": length + len(extra), **fields}, separators=(",", ":")).encode()
@@ -222,7 +228,7 @@ def forge(
             ).encode()
         else:
             signature = signature_json(key_id, raw)
-        head = _head(manifest, signature)
+        head = _head(manifest, signature, head_level)
         if len(head) + len(payload) == length:
             break
         length = len(head) + len(payload)

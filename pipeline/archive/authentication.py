@@ -48,7 +48,12 @@ def _check_start(handle: IO[bytes], size: int) -> None:
 
 
 def read_head(inflater: Inflater) -> tuple[bytes, bytes]:
-    """manifest.json and manifest.sig, the archive's first two members, as bytes."""
+    """manifest.json and manifest.sig, the archive's first two members, as bytes.
+
+    They are the whole content of the first gzip member (`check_head_ends`).
+    """
+    if not inflater.next_member():
+        raise ArchiveRejected("empty file (0 bytes): not an update archive")
     found: list[bytes] = []
     for name, limit in ((MANIFEST_NAME, MAX_MANIFEST_BYTES), (SIGNATURE_NAME, MAX_SIGNATURE_BYTES)):
         block = inflater.read_up_to(BLOCK)
@@ -70,6 +75,15 @@ def read_head(inflater: Inflater) -> tuple[bytes, bytes]:
         found.append(inflater.read_exact(header.size, name))
         skip_padding(inflater, header.size, name)
     return found[0], found[1]
+
+
+def check_head_ends(inflater: Inflater) -> None:
+    """The first gzip member ends right after manifest.sig: the payload is a member of its own."""
+    if not inflater.at_member_end():
+        raise ArchiveRejected(
+            f"the first gzip member goes on after {SIGNATURE_NAME}: it must hold only {MANIFEST_NAME} and "
+            f"{SIGNATURE_NAME}, and the payload a gzip member of its own"
+        )
 
 
 def _check_signature(manifest_bytes: bytes, signature_bytes: bytes, keys: TrustStore) -> str:
@@ -136,15 +150,16 @@ def authenticate(path: Path, keys: TrustStore) -> Manifest:
         _check_start(handle, size)
         inflater = Inflater(handle, limit=size, chunk=16 * 2**10)
         manifest_bytes, signature_bytes = read_head(inflater)
-    key_id = _check_signature(manifest_bytes, signature_bytes, keys)
-    manifest = parse_manifest(manifest_bytes, key_id=key_id)
-    if size < manifest.length:
-        raise ArchiveRejected(
-            f"incomplete archive: {size} of the {manifest.length} bytes its manifest announces "
-            "(upload not finished, or truncated)"
-        )
-    if size > manifest.length:
-        raise ArchiveRejected(
-            f"the archive is {size} bytes, its manifest announces {manifest.length}: data was appended to it"
-        )
+        key_id = _check_signature(manifest_bytes, signature_bytes, keys)
+        manifest = parse_manifest(manifest_bytes, key_id=key_id)
+        if size < manifest.length:
+            raise ArchiveRejected(
+                f"incomplete archive: {size} of the {manifest.length} bytes its manifest announces "
+                "(upload not finished, or truncated)"
+            )
+        if size > manifest.length:
+            raise ArchiveRejected(
+                f"the archive is {size} bytes, its manifest announces {manifest.length}: data was appended to it"
+            )
+        check_head_ends(inflater)
     return manifest

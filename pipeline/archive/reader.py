@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from pipeline.archive.format import BLOCK, CHUNK, MAX_EXTENDED_HEADER_BYTES, RATIO_GRACE_BYTES
 from pipeline.errors import ArchiveRejected
@@ -32,51 +33,97 @@ TAR_KINDS = {
 }
 
 
+def _nothing() -> None:
+    return None
+
+
 class Inflater:
-    """The decompressed bytes of an archive's concatenated gzip members, counting bytes in and out.
+    """The decompressed bytes of an archive's gzip members, one member at a time, counting bytes in and out.
 
     Reads the file in bounded chunks and inflates at most `chunk` bytes at a
     time, so memory stays constant whatever the archive's size; with
     `max_ratio`, stops as soon as the output outgrows the input by that factor.
+    `next_member` starts each gzip member (the head, then the payload), and
+    `read` returns b"" at the end of the current one, so the caller sees the
+    archive's structure and can refuse a head and payload in one member, an
+    empty member, or anything after the last.
+
+    Every step of the loop consumes input or produces output, or raises, and
+    calls `checkpoint` (the step's time limit and cancellation), so no input
+    can make it spin.
     """
 
-    def __init__(self, handle: IO[bytes], *, limit: int, chunk: int = CHUNK, max_ratio: float | None = None) -> None:
+    def __init__(
+        self,
+        handle: IO[bytes],
+        *,
+        limit: int,
+        chunk: int = CHUNK,
+        max_ratio: float | None = None,
+        checkpoint: Callable[[], None] = _nothing,
+    ) -> None:
         self._handle = handle
         self._limit = limit
         self._chunk = chunk
         self._max_ratio = max_ratio
-        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._checkpoint = checkpoint
+        self._decompressor: Any = None  # zlib's decompress object of the current member; None before the first
+        self._pending = b""  # compressed bytes read from the file and not yet used by a member
         self._out = b""
         self._offset = 0
-        self._finished = False
+        self.members = 0  # gzip members started
         self.consumed = 0  # compressed bytes read from the file
         self.produced = 0  # bytes inflated
+
+    @property
+    def position(self) -> int:
+        """Compressed bytes used so far: where the next member would start."""
+        return self.consumed - len(self._pending)
 
     def _read_file(self) -> bytes:
         data = self._handle.read(min(self._chunk, self._limit - self.consumed))
         self.consumed += len(data)
         return data
 
-    def _inflate_more(self) -> None:
+    def next_member(self) -> bool:
+        """Start the next gzip member; False when the file has nothing more."""
+        if self._decompressor is not None and not self._decompressor.eof:
+            raise RuntimeError("the current gzip member has not ended")  # pragma: no cover - a caller's mistake
+        if not self._pending:
+            self._pending = self._read_file()
+        if not self._pending:
+            return False
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._out, self._offset = b"", 0
+        self.members += 1
+        return True
+
+    def at_end(self) -> bool:
+        """True when nothing follows the current member in the file."""
+        if not self._pending:
+            self._pending = self._read_file()
+        return not self._pending
+
+    def _inflate_step(self) -> None:
+        """Inflate some of the current member: consumes input or produces output, or raises."""
+        self._checkpoint()
         decompressor = self._decompressor
-        if decompressor.unconsumed_tail:
-            data = decompressor.unconsumed_tail
-        elif decompressor.eof:
-            data = decompressor.unused_data or self._read_file()
-            if not data:
-                self._finished = True
-                return
-            self._decompressor = decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        else:
-            data = self._read_file()
-            if not data:
+        if not self._pending:
+            self._pending = self._read_file()
+            if not self._pending:
                 raise ArchiveRejected(
                     f"the gzip stream ends without its end marker after {self.consumed} bytes (truncated or corrupt)"
                 )
+        before = len(self._pending)
         try:
-            out = decompressor.decompress(data, self._chunk)
+            out = decompressor.decompress(self._pending, self._chunk)
         except zlib.error as error:
-            raise ArchiveRejected(f"corrupt gzip stream near byte {self.consumed} of the archive ({error})") from None
+            raise ArchiveRejected(f"corrupt gzip stream near byte {self.position} of the archive ({error})") from None
+        # Once a member has ended, the rest of the input is `unused_data`; CPython may still
+        # hold stale input in `unconsumed_tail` then, which must never be fed to it again.
+        self._pending = decompressor.unused_data if decompressor.eof else decompressor.unconsumed_tail
+        if not out and not decompressor.eof and len(self._pending) >= before:
+            raise ArchiveRejected(f"corrupt gzip stream near byte {self.position}: it does not advance")
         self.produced += len(out)
         self._out, self._offset = out, 0
         ratio = self._max_ratio
@@ -87,17 +134,25 @@ class Inflater:
             )
 
     def read(self, size: int) -> bytes:
-        """Up to `size` bytes; b"" only at the clean end of the last gzip member."""
+        """Up to `size` bytes of the current member; b"" at its end."""
         while self._offset >= len(self._out):
-            if self._finished:
+            if self._decompressor is None or self._decompressor.eof:
                 return b""
-            self._inflate_more()
+            self._inflate_step()
         start = self._offset
         self._offset = min(len(self._out), start + size)
         return self._out[start : self._offset]
 
+    def at_member_end(self) -> bool:
+        """True when the current member has no more bytes (inflating up to its end marker to know)."""
+        while self._offset >= len(self._out):
+            if self._decompressor is None or self._decompressor.eof:
+                return True
+            self._inflate_step()
+        return False
+
     def read_up_to(self, size: int) -> bytes:
-        """`size` bytes, or fewer only at the clean end of the stream."""
+        """`size` bytes, or fewer only at the end of the current member."""
         parts = []
         wanted = size
         while wanted:

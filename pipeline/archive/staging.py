@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pipeline.archive.authentication import authenticate, open_archive, read_head
+from pipeline.archive.authentication import authenticate, check_head_ends, open_archive, read_head
 from pipeline.archive.format import CHUNK, MANIFEST_NAME, PAYLOAD, SIGNATURE_NAME
 from pipeline.archive.manifest import FileEntry, Manifest
 from pipeline.archive.names import path_problem, quote
@@ -154,6 +154,10 @@ def _stream_payload(
     checkpoint: Checkpoint,
     progress: Progress,
 ) -> None:
+    if not inflater.next_member():
+        raise ArchiveRejected("the archive has no payload: nothing follows the head's gzip member")
+    if inflater.at_member_end():
+        raise ArchiveRejected("the second gzip member is empty: it must hold the payload")
     tar = TarStream(inflater)
     seen: set[str] = set()
     total = max(1, manifest.length)
@@ -208,8 +212,14 @@ def _stream_payload(
             progress(done)
             reported = done
     while trailing := inflater.read(CHUNK):
+        checkpoint()
         if trailing.count(0) != len(trailing):
             raise ArchiveRejected("data after the tar end-of-archive marker (only zero padding may follow it)")
+    if not inflater.at_end():
+        raise ArchiveRejected(
+            f"corrupt gzip stream: data follows the payload's gzip member at byte {inflater.position} "
+            "(the archive must end with it)"
+        )
     for path in manifest.files:
         if path not in seen:
             raise ArchiveRejected(f"file {quote(path)} is listed in the signed manifest but missing from the payload")
@@ -233,10 +243,11 @@ def _check_payload(
         size = os.fstat(handle.fileno()).st_size
         if size != manifest.length:
             raise ArchiveRejected(f"the archive is {size} bytes, its manifest announces {manifest.length}")
-        inflater = Inflater(handle, limit=size, max_ratio=limits.max_ratio)
+        inflater = Inflater(handle, limit=size, max_ratio=limits.max_ratio, checkpoint=checkpoint)
         manifest_bytes, _ = read_head(inflater)
         if hashlib.sha256(manifest_bytes).hexdigest() != manifest.digest:
             raise ArchiveRejected("the archive changed after its signature was checked (its manifest differs)")
+        check_head_ends(inflater)
         _stream_payload(inflater, manifest, staging, checkpoint=checkpoint, progress=progress)
 
 
