@@ -111,7 +111,7 @@ def run(ctx: StepContext) -> None:
         keys = load_trusted_keys(config.trust.keys)
     except ConfigError as error:
         raise ArchiveRejected(f"cannot authenticate: {'; '.join(error.problems)}") from None
-    manifest = authenticate(ctx.archive, keys)
+    manifest = authenticate(ctx.archive, keys, limits, checkpoint=ctx.checkpoint)
     ctx.event(f"signature ok (key {manifest.key_id}): {manifest.product} {manifest.version} ({manifest.channel})")
     installed = check_policy(manifest, ctx, name_product, name_version)
     target = release_dir(root, manifest.version)

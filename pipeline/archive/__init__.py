@@ -20,6 +20,7 @@ and the manifest, and written under the staging folder while it is hashed.
 from __future__ import annotations
 
 from pipeline.archive.authentication import authenticate, read_announced_length
+from pipeline.archive.entries import FileEntry
 from pipeline.archive.format import (
     ANNOUNCE_READ_BYTES,
     FORMAT,
@@ -31,7 +32,7 @@ from pipeline.archive.format import (
     RATIO_GRACE_BYTES,
     SIGNATURE_NAME,
 )
-from pipeline.archive.manifest import CHANNELS, HOOKS, REQUIREMENTS, FileEntry, Manifest, encode_manifest
+from pipeline.archive.manifest import CHANNELS, HOOKS, REQUIREMENTS, Manifest, encode_manifest
 from pipeline.archive.names import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,

@@ -19,8 +19,9 @@ from typing import IO, Any
 
 import yaml
 
+from pipeline.archive.entries import FileEntry
 from pipeline.archive.format import BLOCK, CHUNK, FORMAT, MANIFEST_NAME, PAYLOAD, SIGNATURE_NAME
-from pipeline.archive.manifest import EMPTY_FIELDS, FileEntry, encode_manifest, manifest_from_fields
+from pipeline.archive.manifest import encode_manifest, manifest_from_fields
 from pipeline.archive.names import path_problem, quote
 from pipeline.errors import ArchiveRejected
 from pipeline.signing import SigningKey, load_signing_key
@@ -233,19 +234,19 @@ def pack(src: Path, private_key_path: Path, out: Path, *, compresslevel: int = 6
     spec = _read_pack_manifest(src)
     payload_root = src / str(spec.pop("payload", SOURCE_FOLDER))
     entries = _collect_payload(payload_root)
+    optional = ("min_version", "downtime", "requirements", "notes", "migrations", "hooks")
     draft = {
         "length": 1,
         "format": FORMAT,
-        **{
-            name: spec.get(name, EMPTY_FIELDS[name]) for name in EMPTY_FIELDS if name not in ("files", "dirs", "length")
-        },
+        "product": spec["product"],
+        "version": spec["version"],
+        "channel": spec["channel"],
+        **{name: spec[name] for name in optional if spec.get(name) is not None},
         "dirs": [entry.rel for entry in entries if entry.is_dir],
         "files": {
             e.rel: {"size": e.size, "sha256": "0" * 64, "mode": f"{e.mode:04o}"} for e in entries if not e.is_dir
         },
     }
-    draft["migrations"] = list(draft["migrations"] or [])
-    draft["hooks"] = dict(draft["hooks"] or {})
     try:
         manifest = manifest_from_fields(draft, key_id=key.key_id, digest="")
     except ArchiveRejected as error:

@@ -7,13 +7,14 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from pipeline.archive.authentication import authenticate, check_head_ends, open_archive, read_head
+from pipeline.archive.authentication import authenticate, open_archive, skip_head
+from pipeline.archive.entries import FILE, FOLDER
 from pipeline.archive.format import CHUNK, MANIFEST_NAME, PAYLOAD, SIGNATURE_NAME
-from pipeline.archive.manifest import FileEntry, Manifest
+from pipeline.archive.manifest import Manifest
 from pipeline.archive.names import path_problem, quote
 from pipeline.archive.reader import REGULAR, TAR_KINDS, Inflater, TarHeader, TarStream, skip_padding
 from pipeline.config import Limits
@@ -34,20 +35,23 @@ def _ignore_progress(_ratio: float) -> None:
     return None
 
 
-def _check_limits(manifest: Manifest, limits: Limits) -> None:
+def check_limits(manifest: Manifest, limits: Limits) -> None:
     """What the signed manifest announces must fit the limits before a byte of payload is read."""
-    entries = len(manifest.files) + len(manifest.dirs)
-    if entries > limits.max_members:
-        raise ArchiveRejected(f"the manifest lists {entries} entries, above limits.max_members ({limits.max_members})")
+    entries = manifest.entries
+    if len(entries) > limits.max_members:
+        raise ArchiveRejected(
+            f"the manifest lists {len(entries)} entries, above limits.max_members ({limits.max_members})"
+        )
     if manifest.length > limits.max_archive_bytes:
         raise ArchiveRejected(
             f"the archive is {manifest.length} bytes, above limits.max_archive_bytes ({limits.max_archive_bytes})"
         )
-    for path, entry in manifest.files.items():
-        if entry.size > limits.max_file_bytes:
-            raise ArchiveRejected(
-                f"file {quote(path)} is {entry.size} bytes, above limits.max_file_bytes ({limits.max_file_bytes})"
-            )
+    largest = entries.largest
+    if largest is not None and entries.size(largest) > limits.max_file_bytes:
+        raise ArchiveRejected(
+            f"file {quote(entries.name(largest))} is {entries.size(largest)} bytes, "
+            f"above limits.max_file_bytes ({limits.max_file_bytes})"
+        )
     total = manifest.unpacked_bytes
     if total > limits.max_unpacked_bytes:
         raise ArchiveRejected(
@@ -57,41 +61,40 @@ def _check_limits(manifest: Manifest, limits: Limits) -> None:
 
 @dataclass
 class _Staging:
-    """Where payload files go: a folder, or nowhere (verify only hashes)."""
+    """Where payload files go: a folder, or nowhere (verify only hashes).
+
+    Folders are made on demand (a file's folder may come after it in the tar
+    stream); nothing is tracked in memory per folder.
+    """
 
     dest: Path | None
-    dirs_made: set[str] = field(default_factory=set)
 
     def make_dir(self, rel: str) -> None:
-        if self.dest is None or rel in self.dirs_made:
-            return
-        parent = rel.rpartition("/")[0]
-        if parent:
-            self.make_dir(parent)
-        with contextlib.suppress(FileExistsError):
-            (self.dest / rel).mkdir(mode=0o755)
-        self.dirs_made.add(rel)
+        if self.dest is not None:
+            os.makedirs(self.dest / rel, mode=0o755, exist_ok=True)
 
     @contextlib.contextmanager
-    def open_file(self, rel: str, entry: FileEntry, mtime: int) -> Iterator[IO[bytes] | None]:
+    def open_file(self, rel: str, mode: int, mtime: int) -> Iterator[IO[bytes] | None]:
         if self.dest is None:
             yield None
             return
-        parent = rel.rpartition("/")[0]
-        if parent:
-            self.make_dir(parent)
         target = self.dest / rel
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with open(os.open(target, flags, 0o600), "wb") as handle:
+        try:
+            fd = os.open(target, flags, 0o600)
+        except FileNotFoundError:
+            self.make_dir(rel.rpartition("/")[0])
+            fd = os.open(target, flags, 0o600)
+        with open(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fchmod(handle.fileno(), entry.mode)
+            os.fchmod(handle.fileno(), mode)
             mtime = min(max(mtime, 0), _LATEST_MTIME)
             os.utime(handle.fileno(), (mtime, mtime))
 
 
-def _member_path(header: TarHeader, manifest: Manifest, seen: set[str]) -> tuple[str, bool] | None:
-    """The release-relative path of a payload member and whether it is a folder; None for `payload/` itself.
+def _member(header: TarHeader, manifest: Manifest) -> int | None:
+    """The manifest entry of a payload member (marked seen); None for the `payload/` folder itself.
 
     Every rule of the allowlist is checked here, in the order an operator
     would want to hear about it.
@@ -102,8 +105,8 @@ def _member_path(header: TarHeader, manifest: Manifest, seen: set[str]) -> tuple
         raise ArchiveRejected(f"member {quote(header.name)}: the name is not valid UTF-8") from None
     kind = header.kind
     if kind not in REGULAR and kind != b"5":
-        what = TAR_KINDS.get(kind, f"an entry of unknown tar type {kind!r}")
-        target = f" (→ {quote(header.link.decode('utf-8', 'replace'))})" if header.link else ""
+        what = TAR_KINDS.get(kind, f"an entry of unknown tar type {quote(kind)}")
+        target = f" (→ {quote(header.link)})" if header.link else ""
         raise ArchiveRejected(f"member {quote(name)} is {what}{target}; only regular files and folders are allowed")
     is_dir = kind == b"5"
     if is_dir and name.endswith("/"):
@@ -111,6 +114,12 @@ def _member_path(header: TarHeader, manifest: Manifest, seen: set[str]) -> tuple
     problem = path_problem(name)
     if problem:
         raise ArchiveRejected(f"member {quote(name)}: {problem}")
+    if header.mode & 0o7000:
+        raise ArchiveRejected(
+            f"member {quote(name)}: mode {header.mode & 0o7777:04o} has a setuid, setgid or sticky bit; not allowed"
+        )
+    if is_dir and header.size:
+        raise ArchiveRejected(f"member {quote(name)}: a folder entry that carries {header.size} bytes of data")
     if name == PAYLOAD and is_dir:
         return None
     if not name.startswith(PAYLOAD + "/"):
@@ -118,32 +127,27 @@ def _member_path(header: TarHeader, manifest: Manifest, seen: set[str]) -> tuple
             f"member {quote(name)} is outside {PAYLOAD}/ "
             f"(only {MANIFEST_NAME} and {SIGNATURE_NAME} may precede the payload)"
         )
-    if header.mode & 0o7000:
-        raise ArchiveRejected(
-            f"member {quote(name)}: mode {header.mode & 0o7777:04o} has a setuid, setgid or sticky bit; not allowed"
-        )
-    rel = name[len(PAYLOAD) + 1 :]
-    if rel in seen:
+    entries = manifest.entries
+    index = entries.find(name[len(PAYLOAD) + 1 :])
+    if index >= 0 and entries.seen[index]:
         raise ArchiveRejected(f"member {quote(name)} appears twice in the archive")
-    seen.add(rel)
     if is_dir:
-        if rel not in manifest.dirs:
-            listed = "as a file" if rel in manifest.files else "at all"
+        if index < 0 or entries.kind(index) != FOLDER:
+            listed = "as a file" if index >= 0 else "at all"
             raise ArchiveRejected(f"member {quote(name)} is a folder that the signed manifest does not list {listed}")
-        return rel, True
-    entry = manifest.files.get(rel)
-    if entry is None:
-        listed = " (it lists a folder there)" if rel in manifest.dirs else ""
-        raise ArchiveRejected(f"member {quote(name)} is not listed in the signed manifest{listed}")
-    if header.size != entry.size:
-        raise ArchiveRejected(
-            f"member {quote(name)}: {header.size} bytes in the archive, the manifest says {entry.size}"
-        )
-    if header.mode & 0o777 != entry.mode:
-        raise ArchiveRejected(
-            f"member {quote(name)}: mode {header.mode & 0o777:04o} in the archive, the manifest says {entry.mode:04o}"
-        )
-    return rel, False
+    else:
+        if index < 0 or entries.kind(index) != FILE:
+            listed = " (it lists a folder there)" if index >= 0 else ""
+            raise ArchiveRejected(f"member {quote(name)} is not listed in the signed manifest{listed}")
+        size, mode = entries.size(index), entries.mode(index)
+        if header.size != size:
+            raise ArchiveRejected(f"member {quote(name)}: {header.size} bytes in the archive, the manifest says {size}")
+        if header.mode & 0o777 != mode:
+            raise ArchiveRejected(
+                f"member {quote(name)}: mode {header.mode & 0o777:04o} in the archive, the manifest says {mode:04o}"
+            )
+    entries.seen[index] = 1
+    return index
 
 
 def _stream_payload(
@@ -158,31 +162,27 @@ def _stream_payload(
         raise ArchiveRejected("the archive has no payload: nothing follows the head's gzip member")
     if inflater.at_member_end():
         raise ArchiveRejected("the second gzip member is empty: it must hold the payload")
+    entries = manifest.entries
+    entries.seen[:] = bytes(len(entries))
     tar = TarStream(inflater)
-    seen: set[str] = set()
     total = max(1, manifest.length)
     reported = 0.0
     chunks = 0
     while (header := tar.next()) is not None:
         checkpoint()
-        if tar.index > len(manifest.files) + len(manifest.dirs) + 1:
-            raise ArchiveRejected(
-                f"more members than the {len(manifest.files) + len(manifest.dirs)} the manifest lists"
-            )
-        found = _member_path(header, manifest, seen)
-        if found is None or found[1]:
-            if header.size:
-                raise ArchiveRejected(
-                    f"member {quote(header.name)}: a folder entry that carries {header.size} bytes of data"
-                )
-            if found is not None:
-                staging.make_dir(found[0])
+        if tar.index > len(entries) + 1:
+            raise ArchiveRejected(f"more members than the {len(entries)} the manifest lists")
+        index = _member(header, manifest)
+        if index is None:
             continue
-        rel = found[0]
-        entry = manifest.files[rel]
+        rel = entries.name(index)
+        if entries.kind(index) == FOLDER:
+            staging.make_dir(rel)
+            continue
+        expected = entries.sha256(index)
         hasher = hashlib.sha256()
-        remaining = entry.size
-        with staging.open_file(rel, entry, header.mtime) as out:
+        remaining = entries.size(index)
+        with staging.open_file(rel, entries.mode(index), header.mtime) as out:
             while remaining:
                 data = inflater.read(min(remaining, CHUNK))
                 if not data:
@@ -200,13 +200,12 @@ def _stream_payload(
                     if done - reported >= 0.01:
                         progress(done)
                         reported = done
-            digest = hasher.hexdigest()
-            if digest != entry.sha256:
+            if hasher.digest() != expected:
                 raise ArchiveRejected(
-                    f"member {quote(PAYLOAD + '/' + rel)}: SHA-256 {digest} "
-                    f"does not match the manifest's {entry.sha256}"
+                    f"member {quote(PAYLOAD + '/' + rel)}: SHA-256 {hasher.hexdigest()} "
+                    f"does not match the manifest's {expected.hex()}"
                 )
-        skip_padding(inflater, entry.size, f"member {quote(rel)}")
+        skip_padding(inflater, entries.size(index), f"member {quote(rel)}")
         done = inflater.consumed / total
         if done - reported >= 0.01:
             progress(done)
@@ -220,12 +219,12 @@ def _stream_payload(
             f"corrupt gzip stream: data follows the payload's gzip member at byte {inflater.position} "
             "(the archive must end with it)"
         )
-    for path in manifest.files:
-        if path not in seen:
-            raise ArchiveRejected(f"file {quote(path)} is listed in the signed manifest but missing from the payload")
-    for path in manifest.dirs:
-        if path not in seen:
-            raise ArchiveRejected(f"folder {quote(path)} is listed in the signed manifest but missing from the payload")
+    missing = entries.seen.find(0)
+    if missing >= 0:
+        what = "file" if entries.kind(missing) == FILE else "folder"
+        raise ArchiveRejected(
+            f"{what} {quote(entries.name(missing))} is listed in the signed manifest but missing from the payload"
+        )
     progress(1.0)
 
 
@@ -238,16 +237,13 @@ def _check_payload(
     checkpoint: Checkpoint,
     progress: Progress,
 ) -> None:
-    _check_limits(manifest, limits)
+    check_limits(manifest, limits)
     with open_archive(path) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size != manifest.length:
             raise ArchiveRejected(f"the archive is {size} bytes, its manifest announces {manifest.length}")
         inflater = Inflater(handle, limit=size, max_ratio=limits.max_ratio, checkpoint=checkpoint)
-        manifest_bytes, _ = read_head(inflater)
-        if hashlib.sha256(manifest_bytes).hexdigest() != manifest.digest:
-            raise ArchiveRejected("the archive changed after its signature was checked (its manifest differs)")
-        check_head_ends(inflater)
+        skip_head(inflater, manifest)
         _stream_payload(inflater, manifest, staging, checkpoint=checkpoint, progress=progress)
 
 
@@ -289,6 +285,7 @@ def verify_archive(
     progress: Progress = _ignore_progress,
 ) -> Manifest:
     """Authenticate and check every payload file without writing anything (`dropgate verify`)."""
-    manifest = authenticate(path, keys)
-    _check_payload(path, manifest, limits or Limits(), _Staging(None), checkpoint=checkpoint, progress=progress)
+    limits = limits or Limits()
+    manifest = authenticate(path, keys, limits, checkpoint=checkpoint)
+    _check_payload(path, manifest, limits, _Staging(None), checkpoint=checkpoint, progress=progress)
     return manifest
