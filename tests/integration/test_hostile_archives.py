@@ -537,7 +537,7 @@ def test_a_timestamp_far_in_the_future_is_clamped_not_fatal(tmp_path: Path) -> N
 
     validate.run(ctx)
 
-    staged = site.platform / "releases" / "3.19.274" / "VERSION"
+    staged = site.platform / ".staging" / "1" / "VERSION"
     assert staged.read_bytes() == GOOD["VERSION"]
     assert staged.stat().st_mtime == 2**33
 
@@ -554,8 +554,8 @@ def test_the_same_site_accepts_the_well_formed_archive(tmp_path: Path) -> None:
     # When it is validated
     validate.run(ctx)
 
-    # Then its release is staged under releases/
-    release = site.platform / "releases" / "3.19.274"
+    # Then its release is staged, ready to move under releases/ once the pre-change steps pass
+    release = site.platform / ".staging" / "1"
     assert (release / "bin" / "app").read_bytes() == GOOD["bin/app"]
     assert (release / "bin" / "app").stat().st_mode & 0o777 == 0o755
 
