@@ -24,6 +24,7 @@ _SPACE_BYTES = frozenset(b" \t\n\r")
 _TEXT_BODY = re.compile(rb'(?:[^"\\\x00-\x1f]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERALS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
+_VALUE_STARTS = frozenset('"{[-0123456789')
 _MAX_NUMBER_CHARACTERS = 40
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 
@@ -108,7 +109,21 @@ class JsonStream:
         return True
 
     def _wrong(self, where: str, expected: str) -> ArchiveRejected:
-        return self._problem(f"{where} is {self.kind()}, expected {expected}")
+        """A value of another type than `expected`; or, when what follows is no JSON value at all, say so."""
+        byte = self._peek()
+        if byte in _LITERALS:
+            word = _LITERALS[byte]
+            while len(self._buffer) - self._pos < len(word) and self._more():
+                pass
+            valid = self._buffer[self._pos : self._pos + len(word)] == word
+        else:
+            valid = byte >= 0 and chr(byte) in _VALUE_STARTS
+        if not valid:
+            return self._problem(
+                f"{where}: not valid JSON at byte {self._base + self._pos}: expected {expected}, "
+                f"found {_describe(byte) if byte not in _LITERALS else f'the character {chr(byte)!r}'}"
+            )
+        return self._problem(f"{where} is {_describe(byte)}, expected {expected}")
 
     def _literal(self) -> bool | None:
         word = _LITERALS[self._peek()]
