@@ -28,6 +28,7 @@ from pipeline.archive.format import (
     CHUNK,
     GZIP_MAGIC,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
     SIGNATURE_NAME,
 )
@@ -125,7 +126,7 @@ def check_head_ends(inflater: Inflater) -> None:
 def skip_head(inflater: Inflater, manifest: Manifest) -> None:
     """Read past the head again (for the payload pass), checking it is still the manifest that was signed."""
     _start_head(inflater)
-    header = _head_header(inflater, MANIFEST_NAME, manifest.length, "the archive's size")
+    header = _head_header(inflater, MANIFEST_NAME, MAX_MANIFEST_BYTES, "the format's limit")
     hasher = hashlib.sha256()
     for data in _stream(inflater, header.size, MANIFEST_NAME):
         hasher.update(data)
