@@ -243,6 +243,7 @@ def authenticate(
         inflater = Inflater(handle, limit=size, chunk=HEAD_CHUNK, checkpoint=checkpoint)
         _start_head(inflater)
         header = _head_header(inflater, MANIFEST_NAME, limits.max_manifest_bytes, "limits.max_manifest_bytes")
+        manifest_size = header.size
         signed = bytearray(len(SIGNATURE_CONTEXT) + header.size)  # allocated once: no copy of a large manifest
         signed[: len(SIGNATURE_CONTEXT)] = SIGNATURE_CONTEXT
         view = memoryview(signed)
@@ -265,6 +266,7 @@ def authenticate(
             digest=hasher.hexdigest(),
             limits=limits,
             checkpoint=checkpoint,
+            size=manifest_size,
         )
         if size < manifest.length:
             raise ArchiveRejected(

@@ -52,6 +52,8 @@ _PLAIN_FILE_ENTRY = re.compile(
 )  # fmt: skip
 _FAST_LOOKAHEAD = 4096  # bytes buffered before trying it: more than a path and its fields
 _WRITABLE_BY_OTHERS = 0o022
+_SMALLEST_ENTRY = 4  # bytes of manifest.json per entry at the least (a folder: "a",)
+_TYPICAL_ENTRY = 64  # without limits (pack), the table starts at this and grows if needed
 _CHECK_EVERY = 1024  # entries between two checkpoints
 
 Checkpoint = Callable[[], None]
@@ -135,6 +137,16 @@ class Manifest:
 
     def to_fields(self) -> dict[str, Any]:
         """The manifest.json object; `length` comes first (the inbox reads it from the start)."""
+        return self._scalars() | {
+            "dirs": list(self.dirs),
+            "files": {
+                path: {"size": entry.size, "sha256": entry.sha256, "mode": f"{entry.mode:04o}"}
+                for path, entry in self.files.items()
+            },
+        }
+
+    def _scalars(self) -> dict[str, Any]:
+        """Every field but the entries (which may be 200,000)."""
         return {
             "length": self.length,
             "format": FORMAT,
@@ -147,11 +159,6 @@ class Manifest:
             "notes": self.notes,
             "migrations": list(self.migrations),
             "hooks": dict(self.hooks),
-            "dirs": list(self.dirs),
-            "files": {
-                path: {"size": entry.size, "sha256": entry.sha256, "mode": f"{entry.mode:04o}"}
-                for path, entry in self.files.items()
-            },
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +172,7 @@ class Manifest:
         there would make each read parse megabytes. The full list stays in the
         signed archive, which the run keeps.
         """
-        fields = {key: value for key, value in self.to_dict().items() if key not in ("files", "dirs")}
+        fields = self._scalars() | {"key_id": self.key_id, "digest": self.digest}
         fields["file_count"] = len(self.files)
         fields["unpacked_bytes"] = self.unpacked_bytes
         return fields
@@ -192,7 +199,7 @@ def manifest_from_fields(
         encoded = encode_manifest(fields)
     except (TypeError, ValueError) as error:
         raise _invalid(str(error)) from None
-    return read_manifest([encoded], key_id=key_id, digest=digest, limits=limits)
+    return read_manifest([encoded], key_id=key_id, digest=digest, limits=limits, size=len(encoded))
 
 
 def read_manifest(
@@ -202,11 +209,13 @@ def read_manifest(
     digest: str,
     limits: Limits | None = None,
     checkpoint: Checkpoint = _nothing,
+    size: int = 0,
 ) -> Manifest:
     """Read manifest.json from its bytes, in chunks, against the exact schema and `limits`.
 
     Raises ArchiveRejected naming the first problem. With `limits`, counts and
-    sizes are refused as soon as they pass them.
+    sizes are refused as soon as they pass them. `size`, the manifest's size in
+    bytes, sizes the entries' table so that it never grows while it fills.
     """
     pieces = iter(chunks)
     first = next(pieces, b"")
@@ -215,7 +224,12 @@ def read_manifest(
             f'manifest.json must begin with {{"length": <bytes>, ...}} within its first {ANNOUNCE_WITHIN} bytes'
         )
     stream = JsonStream(_chained(first, pieces), _invalid)
-    return _ManifestReader(stream, limits, checkpoint).read(key_id, digest)
+    if limits is not None:
+        capacity = min(limits.max_members + 1, size // _SMALLEST_ENTRY + 1)
+    else:
+        capacity = size // _TYPICAL_ENTRY + 1
+    entries = Entries(capacity, name_bytes=max(size, 1))
+    return _ManifestReader(stream, limits, checkpoint, entries).read(key_id, digest)
 
 
 def _chained(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -226,11 +240,11 @@ def _chained(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 class _ManifestReader:
     """One pass over manifest.json, key by key, building the Manifest."""
 
-    def __init__(self, stream: JsonStream, limits: Limits | None, checkpoint: Checkpoint) -> None:
+    def __init__(self, stream: JsonStream, limits: Limits | None, checkpoint: Checkpoint, entries: Entries) -> None:
         self.stream = stream
         self.limits = limits
         self.checkpoint = checkpoint
-        self.entries = Entries()
+        self.entries = entries
         self.values: dict[str, Any] = {}
 
     def read(self, key_id: str, digest: str) -> Manifest:

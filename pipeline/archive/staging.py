@@ -129,7 +129,7 @@ def _member(header: TarHeader, manifest: Manifest) -> int | None:
         )
     entries = manifest.entries
     index = entries.find(name[len(PAYLOAD) + 1 :])
-    if index >= 0 and entries.seen[index]:
+    if index >= 0 and entries.was_seen(index):
         raise ArchiveRejected(f"member {quote(name)} appears twice in the archive")
     if is_dir:
         if index < 0 or entries.kind(index) != FOLDER:
@@ -146,7 +146,7 @@ def _member(header: TarHeader, manifest: Manifest) -> int | None:
             raise ArchiveRejected(
                 f"member {quote(name)}: mode {header.mode & 0o777:04o} in the archive, the manifest says {mode:04o}"
             )
-    entries.seen[index] = 1
+    entries.mark_seen(index)
     return index
 
 
@@ -163,7 +163,7 @@ def _stream_payload(
     if inflater.at_member_end():
         raise ArchiveRejected("the second gzip member is empty: it must hold the payload")
     entries = manifest.entries
-    entries.seen[:] = bytes(len(entries))
+    entries.forget_seen()
     tar = TarStream(inflater)
     total = max(1, manifest.length)
     reported = 0.0
@@ -219,7 +219,7 @@ def _stream_payload(
             f"corrupt gzip stream: data follows the payload's gzip member at byte {inflater.position} "
             "(the archive must end with it)"
         )
-    missing = entries.seen.find(0)
+    missing = entries.first_unseen()
     if missing >= 0:
         what = "file" if entries.kind(missing) == FILE else "folder"
         raise ArchiveRejected(
