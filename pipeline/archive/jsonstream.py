@@ -177,14 +177,14 @@ class JsonStream:
         byte = self._peek()
         if byte != ord("-") and not ord("0") <= byte <= ord("9"):
             raise self._wrong(where, expected)
-        while True:
-            match = _NUMBER.match(self._buffer, self._pos)
-            if match is None:
-                raise self._syntax("a number")
-            if match.end() - self._pos > _MAX_NUMBER_CHARACTERS:
-                raise self._problem(f"{where}: a number of more than {_MAX_NUMBER_CHARACTERS} characters")
-            if match.end() < len(self._buffer) or not self._more():
-                break
+        # Buffer more than the longest number allowed, so that a chunk's edge cannot cut one short.
+        while len(self._buffer) - self._pos <= _MAX_NUMBER_CHARACTERS and self._more():
+            pass
+        match = _NUMBER.match(self._buffer, self._pos)
+        if match is None:
+            raise self._syntax("a number")
+        if match.end() - self._pos >= _MAX_NUMBER_CHARACTERS:
+            raise self._problem(f"{where}: a number of {_MAX_NUMBER_CHARACTERS} characters or more")
         token = bytes(match.group())
         self._pos = match.end()
         return token

@@ -218,7 +218,9 @@ def read_manifest(
     bytes, sizes the entries' table so that it never grows while it fills.
     """
     pieces = iter(chunks)
-    first = next(pieces, b"")
+    first = b""
+    while len(first) < ANNOUNCE_WITHIN and (piece := next(pieces, b"")):
+        first += piece
     if not ANNOUNCED.match(first[:ANNOUNCE_WITHIN]):
         raise _invalid(
             f'manifest.json must begin with {{"length": <bytes>, ...}} within its first {ANNOUNCE_WITHIN} bytes'
@@ -381,6 +383,7 @@ class _ManifestReader:
 
     def _dirs(self) -> int:
         for index in self.stream.items("dirs", "a list of folder paths"):
+            self._make_room()
             self._add(self._path(f"dirs[{index}]"), FOLDER)
         return 0
 
@@ -389,6 +392,7 @@ class _ManifestReader:
         if not stream.begin_object("files", "an object of path → {size, sha256, mode}"):
             return 0
         while True:
+            self._make_room()
             found = stream.match(_PLAIN_FILE_ENTRY, _FAST_LOOKAHEAD)
             if found is not None:  # the usual layout, read in one step; anything else goes the long way
                 path_bytes, size_text, sha256_text, mode_text = found.groups()
@@ -447,11 +451,15 @@ class _ManifestReader:
             )
         self._add(path, FILE, size, sha256, mode)
 
+    def _make_room(self) -> None:
+        """Another entry follows: refuse it before reading it when the table is at limits.max_members."""
+        limits = self.limits
+        if limits is not None and len(self.entries) >= limits.max_members:
+            raise ArchiveRejected(f"the manifest lists more entries than limits.max_members ({limits.max_members})")
+
     def _add(self, path: str, kind: int, size: int = 0, sha256: bytes = bytes(32), mode: int = 0) -> None:
         entries = self.entries
-        limits = self.limits
-        if limits is not None and len(entries) >= limits.max_members:
-            raise ArchiveRejected(f"the manifest lists more entries than limits.max_members ({limits.max_members})")
+        self._make_room()
         existing = entries.find(path)
         if existing >= 0:
             if entries.kind(existing) != kind:

@@ -206,7 +206,7 @@ CASES: dict[str, Case] = {
     ),
     "a size of 10^40": Case(
         lambda s: raw(s, {"@v": "1" + "0" * 40}, requirements={"free_bytes": "@v"}),
-        "a number of more than 40 characters",
+        "a number of 40 characters or more",
     ),
     # -- exact JSON types --------------------------------------------------------------
     "format true": Case(lambda s: signed(s, fields(format=True)), "format is true, expected 1"),
