@@ -11,6 +11,8 @@ and the manifest, and written under the staging folder while it is hashed.
 - `format`          the fixed names, sizes and markers;
 - `names`           the path rules inside a release, the archive's file name;
 - `manifest`        the signed manifest: model, exact schema, encoding;
+- `jsonstream`      the strict, streaming JSON reader the manifest and signature are read with;
+- `entries`         the manifest's files and folders in a compact table;
 - `reader`          the bounded gzip/tar reader (`tarfile` only writes);
 - `authentication`  the head, the signature, then the manifest;
 - `staging`         the payload, checked and streamed into staging (or only hashed: `verify`);

@@ -481,3 +481,32 @@ def test_the_daemon_refuses_a_sample_of_every_class_and_goes_on(site: Site, tmp_
     assert daemon.alive()
     assert site.status()["gate"] == "idle"
     assert "Traceback" not in daemon.output()
+
+
+# -- pack refuses what a receiver would refuse --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "modes", "manifest", "expect"),
+    [
+        ({"README": b"a", "readme": b"b"}, {}, {}, "are one name on a case-insensitive"),
+        ({"cafe\u0301.txt": b"x"}, {}, {}, "not in Unicode normal form NFC"),
+        (
+            {"hooks/pre.sh": b"#!/bin/sh\n"},
+            {"hooks/pre.sh": 0o775},
+            {"hooks": {"pre_apply": "hooks/pre.sh"}},
+            "mode 0775",
+        ),
+        ({"VERSION": b"1\n"}, {}, {"requirements": {"free_bytes": 1.5}}, "free_bytes is 1.5"),
+    ],
+    ids=["case fold", "NFD", "writable hook", "fractional bytes"],
+)
+def test_pack_refuses_what_a_receiver_would_refuse(
+    tmp_path: Path, files: dict[str, bytes], modes: dict[str, int], manifest: dict[str, Any], expect: str
+) -> None:
+    site = ArchiveSite(tmp_path)
+    with pytest.raises(ArchiveRejected, match="cannot pack") as refusal:
+        site.pack("3.19.274", files, modes=modes, **manifest)
+    assert expect in str(refusal.value)
+    assert "\n" not in str(refusal.value)
+    assert not list(site.build.glob("*.tgz"))
