@@ -20,7 +20,8 @@ runs the real daemon, with the default limits, on archives at and past those
 limits (signed with the trusted key: the attacker holds a vendor key), one
 fresh daemon per archive dropped into its inbox, and prints each run's
 outcome, time and the daemon's peak RSS (VmHWM), against the 100 MiB budget:
-200,000 entries (limits.max_members, accepted), one entry more, a 56 MiB
+200,000 entries (limits.max_members, accepted) with short and with long paths
+(a manifest near limits.max_manifest_bytes), 200,000 folders, one entry more, a 56 MiB
 manifest of 520,000 files, 250,000 entries within limits.max_manifest_bytes,
 manifest.json nested 32 MiB deep, manifest.sig nested 4 KiB deep (unsigned),
 and a large payload.
@@ -314,6 +315,14 @@ def daemon_cases(workdir: Path, payload_mib: int, only: str = "") -> int:
     def at_max_manifest(folder: Path, key: SigningKey) -> Path:
         dirs, files = _entries(200_000)
         files = [(f"{path}-{'long-name-' * 4}{'x' * 6}.js", data) for path, data in files]
+        payload = _payload(folder / "payload.gz", dirs, files)
+        return forge(folder / "gts.2.0.0.tgz", _manifest_text(dirs, files), payload, key)
+
+    @case("199,999 folders and a file")
+    def many_folders(folder: Path, key: SigningKey) -> Path:
+        dirs = [f"d{index // 1000:03d}" for index in range(0, 199_000, 1000)]
+        dirs += [f"d{index // 1000:03d}/s{index:06d}" for index in range(199_999 - len(dirs))]
+        files = [("VERSION", b"2.0.0\n")]
         payload = _payload(folder / "payload.gz", dirs, files)
         return forge(folder / "gts.2.0.0.tgz", _manifest_text(dirs, files), payload, key)
 

@@ -37,7 +37,7 @@ from pipeline.archive.manifest import Manifest, read_manifest
 from pipeline.archive.names import quote
 from pipeline.archive.reader import REGULAR, TAR_KINDS, Inflater, TarHeader, parse_header, skip_padding
 from pipeline.config import Limits
-from pipeline.errors import ArchiveRejected
+from pipeline.errors import ArchiveRejected, StepFailed
 from pipeline.signing import KEY_ID, SIGNATURE_CONTEXT, TrustStore
 
 HEAD_CHUNK = 64 * 2**10  # the head is read in smaller steps than the payload: little is read past it
@@ -237,6 +237,14 @@ def authenticate(
     is a gzip member of its own.
     """
     limits = limits or Limits()
+    try:
+        return _authenticate(path, keys, limits, checkpoint)
+    except OSError as error:  # the site's fault (a disk, the temporary folder), not the archive's
+        where = f" ({error.filename})" if error.filename else ""
+        raise StepFailed(f"cannot read the archive {path.name}{where}: {error.strerror or error}") from error
+
+
+def _authenticate(path: Path, keys: TrustStore, limits: Limits, checkpoint: Checkpoint) -> Manifest:
     with open_archive(path) as handle, tempfile.TemporaryFile(prefix="dropgate-manifest-") as spool:
         size = os.fstat(handle.fileno()).st_size
         _check_start(handle, size)
