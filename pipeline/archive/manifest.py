@@ -39,7 +39,6 @@ REQUIREMENTS = tuple(_REQUIREMENT_RULES)
 MAX_LENGTH = 2**62  # the largest archive or file size a manifest may state
 ANNOUNCE_WITHIN = 64  # `{"length": N,` must fit in manifest.json's first 64 bytes (what the inbox reads)
 _REQUIRED = ("length", "format", "product", "version", "channel", "files")
-_OPTIONAL = ("min_version", "downtime", "requirements", "notes", "migrations", "hooks", "dirs")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODE = re.compile(r"0?[0-7]{3}")
 _WS = rb"[ \t\n\r]*"
@@ -381,16 +380,16 @@ class _ManifestReader:
             hooks[name] = self._path(f"hooks.{name}")
         return hooks
 
-    def _dirs(self) -> int:
+    def _dirs(self) -> bool:  # the folders go to the entries; the value only marks the key as read
         for index in self.stream.items("dirs", "a list of folder paths"):
             self._make_room()
             self._add(self._path(f"dirs[{index}]"), FOLDER)
-        return 0
+        return True
 
-    def _files(self) -> int:
+    def _files(self) -> bool:  # the files go to the entries; the value only marks the key as read
         stream = self.stream
         if not stream.begin_object("files", "an object of path → {size, sha256, mode}"):
-            return 0
+            return True
         while True:
             self._make_room()
             found = stream.match(_PLAIN_FILE_ENTRY, _FAST_LOOKAHEAD)
@@ -410,7 +409,7 @@ class _ManifestReader:
                 self._check_file_path(path)
                 self._add_file(path, *self._file_fields(f"files[{quote(path)}]"))
             if not stream.more_keys("files"):
-                return 0
+                return True
 
     def _check_file_path(self, path: str) -> None:
         problem = path_problem(path)
