@@ -173,6 +173,8 @@ class Limits(_Section):
     max_file_bytes: int = Field(default=8 * 2**30, gt=0)
     max_members: int = Field(default=200_000, gt=0)
     max_ratio: float = Field(default=200.0, gt=1)
+    # manifest.json is held in memory whole while its signature is checked: this bounds the daemon's memory
+    max_manifest_bytes: int = Field(default=32 * 2**20, gt=0, le=64 * 2**20)
 
 
 class Prereq(_Section):

@@ -440,7 +440,7 @@ def preview_archive(
     if not len(keys):
         raise ConfigError(["trust.keys: no trusted key is configured, so no archive can be authenticated"])
     try:
-        signed = authenticate(archive, keys)
+        signed = authenticate(archive, keys, config.limits)
     except DropgateError as error:
         return None, None, [Check("archive", "critical", f"{archive.name}: {error}")]
     manifest = signed.to_dict()

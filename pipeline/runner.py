@@ -477,6 +477,8 @@ class Runner(threading.Thread):
         self.observers.step_started(current, step, started, deadline)
         error: StepFailed | None = None
         try:
+            if step == CHANGE_STEPS[0]:
+                self._release_staged(ctx)
             self.steps[step].run(ctx)
         except StepFailed as failure:
             error = failure
@@ -498,6 +500,12 @@ class Runner(threading.Thread):
         current = self.journal.run(run.id) or run
         self.observers.step_finished(current, step, result, finished - started)
         return error
+
+    def _release_staged(self, ctx: StepContext) -> None:
+        """The run leaves the pre-change steps: its staged release moves under releases/ (states/validate.py)."""
+        release: Callable[[StepContext], None] | None = getattr(self.steps["validate"], "release_staged", None)
+        if release is not None:
+            release(ctx)
 
     def _roll_back(self, run: Run, model: RunModel, cause: str) -> bool:
         blocker = rollback_blocker(self.journal)
@@ -545,7 +553,12 @@ class Runner(threading.Thread):
         self._publish_gate()
 
     def _discard_staged_release(self, run_id: int, facts: dict[str, Any]) -> None:
-        """A rejected run leaves no trace among the releases: remove what its validate staged there."""
+        """A rejected run leaves no trace among the releases: remove what its validate staged."""
+        discard: Callable[[Path, dict[str, Any]], Path | None] | None = getattr(
+            self.steps["validate"], "discard_staged", None
+        )
+        if discard is not None and discard(self.config.platform.root, facts) is not None:
+            self.event(run_id, "rejected", "removed the staged release (never made live)")
         staged = facts.get("release_dir")
         if not staged:
             return

@@ -57,7 +57,16 @@ def _summary(manifest: Manifest) -> dict[str, Any]:
         "length": manifest.length,
         "migrations": list(manifest.migrations),
         "hooks": dict(manifest.hooks),
+        "requirements": dict(manifest.requirements),
     }
+
+
+def _requirements(manifest: Manifest) -> str:
+    """What the manifest's requirements raise, as a site will read them (they were checked by the schema)."""
+    if not manifest.requirements:
+        return "no requirements beyond the site's"
+    raised = ", ".join(f"{name} {value}" for name, value in sorted(manifest.requirements.items()))
+    return f"requirements well-formed: {raised}"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -90,6 +99,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         assert manifest is not None
         print(
             f"{printable(path.name)}: OK: {manifest.product} {manifest.version} ({manifest.channel}), signed with key "
-            f"{manifest.key_id}, {len(manifest.files)} files, {manifest.unpacked_bytes} bytes unpacked"
+            f"{manifest.key_id}, {len(manifest.files)} files, {manifest.unpacked_bytes} bytes unpacked; "
+            f"{_requirements(manifest)}"
         )
     return EXIT_OK if problem is None else EXIT_NOT_OK

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 from functools import total_ordering
 
-_VERSION = re.compile(r"^(?P<release>\d+(?:\.\d+)*)(?:[-~.]?(?P<tag>[A-Za-z][A-Za-z0-9.]*))?$")
+# ASCII digits and letters only, matched whole: no Unicode digits, no trailing newline.
+_VERSION = re.compile(r"(?P<release>[0-9]+(?:\.[0-9]+)*)(?:[-~.]?(?P<tag>[A-Za-z][A-Za-z0-9.]*))?")
+MAX_VERSION_CHARACTERS = 64
 
 
 @total_ordering
@@ -18,7 +20,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> Version:
-        match = _VERSION.match(text.strip())
+        match = _VERSION.fullmatch(text) if len(text) <= MAX_VERSION_CHARACTERS else None
         if not match:
             raise ValueError(f"{text!r} is not a version like 3.19.274 or 3.20.0-rc1")
         release = tuple(int(part) for part in match.group("release").split("."))

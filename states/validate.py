@@ -1,9 +1,12 @@
 """Step `validate`: authenticate the archive, check it may go on this platform, stage its release.
 
 Nothing on the platform changes here: the payload is streamed into the run's
-staging folder (`platform.root/.staging/<run>/`) and only moved to
-`releases/<version>/` once every check passed; any failure removes the
-staging folder, so a rejected archive leaves no trace among the releases.
+staging folder (`platform.root/.staging/<run>/`), where it waits while the
+other pre-change steps run (prereq, approval, window). `release_staged`
+moves it to `releases/<version>/` when the run leaves them (the runner calls
+it as `backup` starts), so a release folder appears under `releases/` only for
+a run that passed every pre-change step; any failure removes the staging
+folder, so a rejected archive leaves no trace among the releases.
 """
 
 from __future__ import annotations
@@ -66,14 +69,15 @@ def check_policy(manifest: Manifest, ctx: StepContext, name_product: str, name_v
 
 @contextmanager
 def staging(path: Path) -> Iterator[Path]:
-    """A fresh staging folder that is removed unless the body moved it away."""
+    """A fresh staging folder (an earlier attempt's is cleared first), removed if the body fails."""
     shutil.rmtree(path, ignore_errors=True)
     try:
         yield path
-    finally:
+    except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         with suppress(OSError):
             path.parent.rmdir()  # only when no other run's staging is there
+        raise
 
 
 def _make_room(target: Path, root: Path) -> None:
@@ -116,36 +120,71 @@ def run(ctx: StepContext) -> None:
             f"site problem: cannot authenticate, the trusted keys are unusable: {'; '.join(error.problems)}; "
             f"the archive itself was not judged: fix trust.keys, then drop it again or `dropgate retry {ctx.run_id}`"
         ) from None
-    manifest = authenticate(ctx.archive, keys)
+    manifest = authenticate(ctx.archive, keys, limits, checkpoint=ctx.checkpoint)
     ctx.event(f"signature ok (key {manifest.key_id}): {manifest.product} {manifest.version} ({manifest.channel})")
     installed = check_policy(manifest, ctx, name_product, name_version)
-    target = release_dir(root, manifest.version)
+    folder = staging_dir(root, ctx.run_id)
     try:
-        with staging(staging_dir(root, ctx.run_id)) as folder:
+        with staging(folder):
             stage_payload(ctx.archive, manifest, folder, limits, checkpoint=ctx.checkpoint, progress=ctx.progress)
             ctx.checkpoint()
-            os.sync()  # the staged files are on disk before the release appears under releases/
-            releases_dir(root).mkdir(parents=True, exist_ok=True)
-            _make_room(target, root)
-            folder.rename(target)
+            os.sync()  # the staged files are on disk before the run goes on
     except ArchiveRejected:
         raise
     except (OSError, StepFailed) as error:  # a full disk or a permission is the site's, not the archive's
-        where = staging_dir(root, ctx.run_id)
-        fault = site_fault(error, doing="staging", run_id=ctx.run_id, path=where, needed=manifest.unpacked_bytes)
+        fault = site_fault(error, doing="staging", run_id=ctx.run_id, path=folder, needed=manifest.unpacked_bytes)
         if fault is None:
             raise
         raise fault from error
     ctx.event(
-        f"staged {len(manifest.files)} files, {_megabytes(manifest.unpacked_bytes)} into releases/{manifest.version}"
+        f"staged {len(manifest.files)} files, {_megabytes(manifest.unpacked_bytes)} in {folder}; "
+        f"it moves to releases/{manifest.version} once the pre-change steps pass"
     )
     downtime, reason = plan_downtime(installed, manifest.version, manifest.downtime)
     ctx.save_facts(
         manifest=manifest.summary(),
         from_version=installed,
         to_version=manifest.version,
-        release_dir=str(target),
+        staged_release=str(folder),
         downtime=downtime,
         downtime_reason=reason,
     )
     ctx.update_run(from_version=installed, to_version=manifest.version)
+
+
+def release_staged(ctx: StepContext) -> None:
+    """Move the run's staged release into `releases/<version>` (the run has passed every pre-change step).
+
+    Called by the runner as the run leaves the pre-change steps; does nothing
+    when the release was already moved (the facts say where it is).
+    """
+    staged = ctx.facts.get("staged_release")
+    if not staged:
+        return
+    root = ctx.config.platform.root
+    target = release_dir(root, str(ctx.facts["to_version"]))
+    folder = Path(staged)
+    if not folder.is_dir():
+        raise StepFailed(f"the staged release {folder} is missing; validate should have put it there")
+    releases_dir(root).mkdir(parents=True, exist_ok=True)
+    _make_room(target, root)
+    folder.rename(target)
+    with suppress(OSError):
+        folder.parent.rmdir()  # only when no other run's staging is there
+    ctx.facts.pop("staged_release", None)
+    ctx.save_facts(release_dir=str(target))
+    ctx.event(f"the staged release is now releases/{target.name}")
+
+
+def discard_staged(root: Path, facts: dict[str, object]) -> Path | None:
+    """Remove a staged release that never left the staging folder (a rejected run); the folder removed, or None."""
+    staged = facts.pop("staged_release", None)
+    if not staged:
+        return None
+    folder = Path(str(staged))
+    if folder.parent != root / ".staging":
+        return None  # never anything but a run's staging folder
+    shutil.rmtree(folder, ignore_errors=True)
+    with suppress(OSError):
+        folder.parent.rmdir()
+    return folder

@@ -185,13 +185,8 @@ def members_for(files: dict[str, bytes], modes: dict[str, int] | None = None) ->
     return [Member(f"payload/{path}", data, mode=(modes or {}).get(path, 0o644)) for path, data in files.items()]
 
 
-def _head(manifest: bytes, signature: bytes) -> bytes:
-    blocks = b""
-    for name, data in (("manifest.json", manifest), ("manifest.sig", signature)):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        blocks += info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + bytes(-len(data) % 512)
-    return gzip.compress(blocks, compresslevel=0, mtime=0)
+def _head(manifest: bytes, signature: bytes, level: int = 0) -> bytes:
+    return gzip.compress(head_blocks(manifest, signature), compresslevel=level, mtime=0)
 
 
 Signer = Callable[[bytes], tuple[str, bytes]]
@@ -202,19 +197,35 @@ def signer(key: SigningKey) -> Signer:
     return lambda manifest: (key.key_id, key.key.sign(SIGNATURE_CONTEXT + manifest))
 
 
+ManifestText = Callable[[int], bytes]
+
+
 def forge(
     out: Path,
-    fields: dict[str, Any],
+    fields: dict[str, Any] | ManifestText,
     payload: bytes,
     sign: Signer,
     *,
     signature_json: Callable[[str, bytes], bytes] | None = None,
     extra: bytes = b"",
+    head_level: int = 0,
+    head: Callable[[bytes, bytes], bytes] | None = None,
 ) -> Path:
-    """Write an archive from manifest `fields`, a payload member and a signer; `length` is found as a fixed point."""
+    """Write an archive from manifest `fields`, a payload member and a signer; `length` is found as a fixed point.
+
+    `fields` is the manifest object without `length`, or a function of the length
+    returning manifest.json's exact bytes (for text no JSON encoder would write).
+    The head is compressed at `head_level`, or built by `head(manifest, signature)`;
+    at levels above 0 the length may not settle (its digits change the compressed
+    size): then the last try is written and `authenticate` rejects it for its length.
+    """
     length = len(payload)
     for _ in range(10):
-        manifest = json.dumps({"length": length + len(extra), **fields}, separators=(",", ":")).encode()
+        total = length + len(extra)
+        if callable(fields):
+            manifest = fields(total)
+        else:
+            manifest = json.dumps({"length": total, **fields}, separators=(",", ":")).encode()
         key_id, raw = sign(manifest)
         if signature_json is None:
             signature = json.dumps(
@@ -222,9 +233,19 @@ def forge(
             ).encode()
         else:
             signature = signature_json(key_id, raw)
-        head = _head(manifest, signature)
-        if len(head) + len(payload) == length:
+        built = head(manifest, signature) if head is not None else _head(manifest, signature, head_level)
+        if len(built) + len(payload) == length:
             break
-        length = len(head) + len(payload)
-    out.write_bytes(head + payload + extra)
+        length = len(built) + len(payload)
+    out.write_bytes(built + payload + extra)
     return out
+
+
+def head_blocks(manifest: bytes, signature: bytes) -> bytes:
+    """The head's tar entries (manifest.json, manifest.sig), uncompressed."""
+    blocks = b""
+    for name, data in (("manifest.json", manifest), ("manifest.sig", signature)):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        blocks += info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + bytes(-len(data) % 512)
+    return blocks

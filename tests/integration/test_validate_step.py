@@ -44,20 +44,22 @@ def test_a_valid_archive_is_staged_as_the_next_release(sandbox: ArchiveSite) -> 
     # When validate runs
     validate.run(ctx)
 
-    # Then the release sits under releases/3.19.274, byte for byte, executables executable
-    release = sandbox.platform / "releases" / "3.19.274"
+    # Then the release waits in the run's staging folder, byte for byte, executables executable
+    staged = sandbox.platform / ".staging" / "1"
     for name, content in FILES.items():
-        assert (release / name).read_bytes() == content
-    assert os.access(release / "hooks" / "pre-apply.sh", os.X_OK)
-    # the live release is untouched and no staging folder is left
+        assert (staged / name).read_bytes() == content
+    assert os.access(staged / "hooks" / "pre-apply.sh", os.X_OK)
+    # and nothing appears under releases/ before the run has passed every pre-change step
+    assert sorted(p.name for p in (sandbox.platform / "releases").iterdir()) == [INSTALLED]
+    # the live release is untouched
     assert installed_version(sandbox.platform) == INSTALLED
     assert current_release(sandbox.platform) == (sandbox.platform / "releases" / INSTALLED).resolve()
-    assert not (sandbox.platform / ".staging").exists()
     # the facts later steps need are recorded, as JSON
     facts = json.loads(json.dumps(ctx.facts))
     assert facts["from_version"] == INSTALLED
     assert facts["to_version"] == "3.19.274"
-    assert facts["release_dir"] == str(release)
+    assert facts["staged_release"] == str(staged)
+    assert "release_dir" not in facts
     assert facts["downtime"] is False
     assert facts["downtime_reason"] == "3.19.273 → 3.19.274 is a patch, applied live"
     manifest = facts["manifest"]
@@ -71,8 +73,20 @@ def test_a_valid_archive_is_staged_as_the_next_release(sandbox: ArchiveSite) -> 
     # and the history says what happened
     assert sandbox.reporter.events[0] == "signature ok (key vendor-2026): gts 3.19.274 (stable)"
     assert sandbox.reporter.events[-1].startswith("staged 4 files, ")
-    assert sandbox.reporter.events[-1].endswith("into releases/3.19.274")
+    assert sandbox.reporter.events[-1].endswith("it moves to releases/3.19.274 once the pre-change steps pass")
     assert sandbox.reporter.ratios[-1] == 1.0
+
+    # When the run leaves the pre-change steps (the runner calls this as backup starts)
+    validate.release_staged(ctx)
+
+    # Then the release is under releases/3.19.274, the staging folder is gone, and the facts say where
+    release = sandbox.platform / "releases" / "3.19.274"
+    for name, content in FILES.items():
+        assert (release / name).read_bytes() == content
+    assert not (sandbox.platform / ".staging").exists()
+    assert ctx.facts["release_dir"] == str(release)
+    assert "staged_release" not in ctx.facts
+    assert sandbox.reporter.events[-1] == "the staged release is now releases/3.19.274"
 
 
 @pytest.mark.parametrize(
@@ -99,6 +113,7 @@ def test_a_release_candidate_of_the_next_version_is_an_upgrade(sandbox: ArchiveS
     ctx = sandbox.context(sandbox.pack("3.20.0-rc1", channel="unstable", min_version=INSTALLED))
 
     validate.run(ctx)
+    validate.release_staged(ctx)
 
     assert ctx.facts["to_version"] == "3.20.0-rc1"
     assert (sandbox.platform / "releases" / "3.20.0-rc1" / "VERSION").read_text() == "3.20.0-rc1\n"
@@ -114,10 +129,12 @@ def test_leftovers_of_an_earlier_attempt_are_cleared_first(sandbox: ArchiveSite)
     (stale / "stale.txt").write_text("from the interrupted attempt")
     ctx = sandbox.context(sandbox.pack("3.19.274", FILES, modes=MODES))
 
-    # When the run is validated again
+    # When the run is validated again, then its staging folder holds exactly the archive's files
     validate.run(ctx)
+    assert sorted(p.name for p in leftover.iterdir()) == ["VERSION", "bin", "hooks", "migrations"]
 
-    # Then the release holds exactly the archive's files
+    # and once it leaves the pre-change steps, so does the release
+    validate.release_staged(ctx)
     assert sorted(p.name for p in stale.iterdir()) == ["VERSION", "bin", "hooks", "migrations"]
     assert not (sandbox.platform / ".staging").exists()
 
@@ -126,7 +143,9 @@ def test_validating_the_same_run_twice_gives_the_same_release(sandbox: ArchiveSi
     archive = sandbox.pack("3.19.274", FILES, modes=MODES)
     validate.run(sandbox.context(archive))
 
-    validate.run(sandbox.context(sandbox.spool / archive.name))
+    again = sandbox.context(sandbox.spool / archive.name)
+    validate.run(again)
+    validate.release_staged(again)
 
     assert (sandbox.platform / "releases" / "3.19.274" / "bin" / "app").read_bytes() == FILES["bin/app"]
 
