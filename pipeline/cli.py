@@ -158,6 +158,18 @@ def _handler(name: str) -> Handler:
     return handler
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (what `| head` does): poll says POLLERR."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -179,10 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_OK
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # `dropgate history | head`: the reader has had enough; no traceback for that.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError as error:
+        if _stdout_closed():
+            # `dropgate history | head`: the reader has had enough; no traceback for that.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        # Another pipe or socket broke (never reported as success).
+        print(f"dropgate: {printable(error)}", file=sys.stderr)
+        return EXIT_NOT_OK
 
 
 def entry() -> None:

@@ -257,11 +257,15 @@ def send(
         ) from error
     with sock:
         sock.settimeout(1.0)
-        sock.sendall(json.dumps({**request, "expires": expires}).encode() + b"\n")
+        # The daemon may answer (a refusal) and close before reading all of it: then read what it said.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps({**request, "expires": expires}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             try:
                 chunk = sock.recv(4096)
+            except ConnectionResetError:
+                break
             except TimeoutError:
                 late = time.time() > expires + ANSWER_GRACE_SECONDS
                 if late and not (long_running and _heartbeat_fresh(config)):

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from states.window import DAYS
+from pipeline.schedule import DAYS
 from tests.conftest import Site
 
 

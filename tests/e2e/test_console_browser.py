@@ -180,7 +180,10 @@ def test_an_administrator_imports_reviews_approves_and_follows_an_update_in_the_
         # Then the run page follows the run by itself (live refresh, no reload): the step, its progress, maintenance
         page.wait_for_selector("li.current:has-text('reindexing reports')", timeout=120_000)
         assert page.inner_text("li.current strong") == "apply"
-        assert "40 %" in page.inner_text("li.current") and "of its 2 min limit" in page.inner_text("li.current")
+        # the migration's own 40 % fills its share of apply's bar: shown as a part of the step, never 100 %
+        shown = re.search(r"(\d+) %", page.inner_text("li.current"))
+        assert shown is not None and 0 < int(shown.group(1)) < 100, page.inner_text("li.current")
+        assert "of its 2 min limit" in page.inner_text("li.current")
         assert "maintenance ON" in page.inner_text("dl.facts")
         shots.take(page, "progress", full_page=False)
         # and to success once the reindex is done

@@ -210,3 +210,29 @@ def test_a_silent_client_does_not_stall_the_tls_listener(site: Site, tmp_path: P
     with socket.create_connection(("127.0.0.1", site.port)):
         # Then others are still served meanwhile
         assert scrape() is not None
+
+
+def test_a_request_the_daemon_refuses_unread_is_never_reported_as_done(site: Site) -> None:
+    # Given a running daemon, and requests too large for its control socket (it answers
+    # "bad request" after 64 KiB and closes without reading the rest)
+    site.start_daemon()
+    for size in (70_000, 120_000):
+        # When an operator sends one
+        result = site.cli("resolve", "1", "--note", "x" * size)
+        # Then the refusal is what they read: one line, exit 1, never a silent exit 0
+        assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.strip().splitlines() == ["dropgate: bad request: message too long"], result.stderr
+
+
+def test_dropgate_history_piped_into_a_reader_that_stops_ends_quietly(site: Site) -> None:
+    # Given a journal with runs to list
+    site.start_daemon()
+    for version in ("0.9.0", "0.9.1", "0.9.2"):
+        site.drop(site.pack(version))  # downgrades: each is rejected at once, and listed
+    wait_for(lambda: len(site.history()) >= 3, what="three runs")
+    # When the output goes to a reader that has already gone (`| true` exits at once)
+    command = f"{sys.executable} -m pipeline --config {site.config_path} history"
+    result = subprocess.run(["/bin/sh", "-c", f"{command} | true; echo $?"], capture_output=True, text=True)
+    # Then there is no traceback and no error message
+    assert "Traceback" not in result.stderr and "dropgate:" not in result.stderr, result.stderr

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.journal import Journal
 from tests.conftest import ROOT, Site, cannot_run, require_tool, wait_for
 
 TMPFILES = ROOT / "deploy" / "systemd" / "dropgate-tmpfiles.conf"
@@ -229,8 +230,13 @@ def test_an_admin_outside_the_upload_group_reads_status_history_and_show(layout:
 
 
 def test_an_admin_reads_status_before_any_daemon_validated_the_configuration(layout: Layout) -> None:
-    # Given a configuration no daemon has validated yet (no record in the state folder)
+    # Given a configuration no daemon has validated yet (no record in the state folder), on a site
+    # whose journal exists (without one, status exits 5: the gate's state is unknown)
     assert not (layout.site.state / "config.checked.json").exists()
+    journal = layout.site.state / "journal.db"
+    Journal(journal).close()
+    os.chown(journal, 0, grp.getgrnam(layout.admin_group).gr_gid)
+    journal.chmod(0o640)
     # When the admin asks for the status, Then the whole configuration is validated for it, and it works
     result = layout.as_user(layout.admin, "status", "--json")
     assert result.returncode == 0, result.stderr
