@@ -66,6 +66,16 @@ def run_evidence(config: Config) -> list[str]:
     return found
 
 
+def last_run_id(config: Config) -> int:
+    """The highest run id the state and backup folders show (0: none), whatever the journal says."""
+    state = config.paths.state
+    ids = [int(name) for name in _entries(state / "spool") if name.isdigit()]
+    ids += [int(name.partition("-")[0]) for name in _entries(state / "rejected") if name.partition("-")[0].isdigit()]
+    ids += [int(name[:-4]) for name in _entries(state / "runs", lambda n: n.endswith(".log")) if name[:-4].isdigit()]
+    ids += [int(name.strip(".").partition(".")[0]) for name in _entries(config.paths.backups, _snapshot_name)]
+    return max(ids, default=0)
+
+
 def site_evidence(config: Config) -> list[str]:
     """Run evidence, plus what only a daemon or an update leaves: the lock with a pid, a WAL, releases."""
     state = config.paths.state
@@ -183,10 +193,14 @@ def start_afresh(config: Config, note: str) -> Journal:
             aside.append(target.name)
     journal = Journal(path)
     found = site_evidence(config)
+    last = last_run_id(config)
+    if last:
+        journal.continue_ids_after(last)  # new runs never reuse an earlier run's spool folder, log or snapshot
     message = (
         f"journal started afresh by {_operator()} (pid {os.getpid()}): {note}"
         + (f"; earlier evidence on the site: {'; '.join(found)}" if found else "")
         + (f"; set aside: {', '.join(aside)}" if aside else "")
+        + (f"; run ids continue after {last}, the highest found there" if last else "")
     )
     journal.add_gate_event(FRESH_START, message)
     return journal

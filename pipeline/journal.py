@@ -26,7 +26,7 @@ BLOCKING_OUTCOMES = ("failed", "rolled_back", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     archive          TEXT NOT NULL,
     path             TEXT NOT NULL,
     sha256           TEXT,
@@ -497,6 +497,16 @@ class Journal:
     def add_gate_event(self, kind: str, message: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT INTO gate_events (ts, kind, message) VALUES (?, ?, ?)", (self.now(), kind, message))
+
+    def continue_ids_after(self, last: int) -> None:
+        """Number the next runs after `last`, so that they never share a spool folder, a log or a
+        snapshot with runs of a lost journal (journals made since ids are AUTOINCREMENT)."""
+        with self._transaction() as db:
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchone()
+            if seq is None:
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('runs', ?)", (last,))
+            elif seq[0] < last:
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'runs'", (last,))
 
     def gate_events(self, kind: str | None = None) -> list[dict[str, Any]]:
         rows = self._query(

@@ -29,7 +29,7 @@ def messages(site: Site, run_id: int) -> list[str]:
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_an_approved_run_caught_in_its_window_waits_for_approval_again(site: Site, how: str) -> None:
     # Given a run approved by the operator and waiting for its window
-    site.write_config(policy={"require_approval": True, "windows": [closed_window()]})
+    site.write_config(policy={"require_approval": True, "windows": [closed_window()], "windows_for": "all"})
     daemon = site.start_daemon()
     site.drop(site.pack("1.0.1"))
     site.wait_step(1, "approval")

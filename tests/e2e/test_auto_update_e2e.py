@@ -238,7 +238,9 @@ def test_a_run_waits_for_a_closed_window_then_goes_when_it_opens(site: Site) -> 
 
 def test_status_json_keeps_its_keys_and_adds_the_nightly_job_and_windows(site: Site) -> None:
     site.write_config(policy={"windows": ["Sat 22:00-Sun 04:00"], "timezone": "Europe/Paris"})
+    site.start_daemon()
     result = site.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert {"gate", "run", "queued", "uploading", "installed_version"} <= set(status)
     assert status["auto_update"]["enabled"] is False and status["auto_update"]["next_check"] is None

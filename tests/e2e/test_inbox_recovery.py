@@ -102,15 +102,24 @@ def test_a_file_placed_by_a_transaction_that_never_committed_is_screened_again(s
     ).read_text()
 
 
-def test_evidence_above_the_journals_last_run_is_left_alone_when_the_journal_lost_runs(site: Site) -> None:
-    # Given an empty journal but spool folders of runs 1 and 2 (the journal was lost, not a crash mid-intake)
+def test_a_lost_journal_over_earlier_runs_stops_the_daemon_then_a_fresh_one_never_reuses_their_ids(
+    site: Site,
+) -> None:
+    # Given no journal but spool folders of runs 1 and 2 (the journal was lost, not a crash mid-intake)
     for number in (1, 2):
         folder = site.state / "spool" / str(number)
         folder.mkdir(parents=True)
         (folder / f"gts.1.{number}.tgz").write_bytes(b"an earlier run's archive")
-    site.start_daemon()
+    # When the daemon starts, Then it refuses (exit 5), naming the evidence, and touches nothing
+    refused = site.start_daemon(wait=False)
+    assert refused.proc.wait(timeout=60) == 5
+    assert "2 spooled archives" in refused.output()
+    assert (site.state / "spool" / "1" / "gts.1.1.tgz").read_bytes() == b"an earlier run's archive"
+    # When the operator starts afresh on purpose
+    site.start_daemon(args=("--fresh-journal", "journal lost with the old disk"))
     site.drop(b"a new file", "new.bin")
     runs = finished_runs(site, 1)
-    # Then nothing of the earlier runs was taken again
-    assert [run["archive"] for run in runs] == ["new.bin"]
-    assert (site.state / "spool" / "2" / "gts.1.2.tgz").exists()
+    # Then nothing of the earlier runs was taken again, and the new run's id comes after theirs
+    assert [(run["id"], run["archive"]) for run in runs] == [(3, "new.bin")]
+    for number in (1, 2):
+        assert (site.state / "spool" / str(number) / f"gts.1.{number}.tgz").exists()

@@ -161,6 +161,7 @@ def test_the_gate_blocks_on_failure_stays_blocked_with_a_queued_run_and_across_a
     assert site.wait_outcome(2)["outcome"] == "succeeded"
     wait_gate(site, "idle")
     assert site.metric("dropgate_blocked") == 0.0
+    wait_for(lambda: sampler.gates()[-1] == "idle", timeout=10, what="the sampler to scrape the idle gate too")
     gates = sampler.gates()
     assert gates[gates.index("blocked") :][-1] == "idle"
     assert "busy" not in gates[gates.index("blocked") : -2], gates  # nothing ran while blocked
