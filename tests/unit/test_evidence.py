@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import JournalMissing
-from pipeline.evidence import check_memory, journal_state
+from pipeline.evidence import check_memory, journal_state, last_run_id, start_afresh
 from pipeline.journal import Journal
 from tests.conftest import Site
 
@@ -54,3 +54,26 @@ def test_a_journal_without_runs_beside_spooled_runs_is_refused_until_started_afr
     (site.state / "runs" / "12.log").unlink()
     (site.state / "dropgate.lock").write_text("1\n")
     check_memory(config)
+
+
+@pytest.mark.parametrize(
+    ("make", "last"),
+    [
+        (lambda site: None, 0),
+        (lambda site: (site.state / "spool" / "3").mkdir(parents=True), 3),
+        (lambda site: (site.state / "rejected").mkdir() or (site.state / "rejected" / "14-x.tgz").touch(), 14),
+        (lambda site: (site.state / "runs").mkdir() or (site.state / "runs" / "9.log").touch(), 9),
+        (lambda site: (site.backups / "27").mkdir(), 27),
+        (lambda site: (site.backups / ".28.partial").mkdir(), 28),
+    ],
+)
+def test_a_fresh_journal_numbers_its_runs_after_every_earlier_runs_trace(site: Site, make: object, last: int) -> None:
+    # Given the traces of earlier runs (or none), and a journal started afresh over them
+    make(site)  # type: ignore[operator]
+    config = load_config(site.config_path)
+    assert last_run_id(config) == last
+    journal = start_afresh(config, "the disk with the journal was replaced")
+    # When a new run is recorded, Then its id follows the highest trace: it shares no folder, log or snapshot
+    assert journal.add_run("gts.1.0.1.tgz", spool=site.state / "spool", arrived=0.0) == last + 1
+    assert ("run ids continue after" in journal.gate_events()[-1]["message"]) is (last > 0)
+    journal.close()
