@@ -1,0 +1,117 @@
+"""Verifying a snapshot against its manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SnapshotError
+from pipeline.snapshot.layout import BUFFER, DATA, DUMPS, MANIFEST, SUMMARY
+from pipeline.snapshot.manifest import iter_manifest
+from pipeline.snapshot.progress import Checkpoint, Progress, Throttle, no_checkpoint, no_progress
+from pipeline.snapshot.tree import file_sha256, kind_of, mode_text, walk_tree
+
+
+def verify_snapshot(
+    dest: Path,
+    *,
+    hashes: bool = True,
+    checkpoint: Checkpoint = no_checkpoint,
+    progress: Progress = no_progress,
+    limit: int = 50,
+) -> list[str]:
+    """Check the snapshot at `dest` against its manifest; the problems found (empty: verified).
+
+    Every entry must be there with its type, size, mode and mtime, and nothing else;
+    every file's SHA-256 is recomputed unless `hashes` is false (the check right after
+    taking a snapshot, whose hashes were just computed from its own copies).
+    The manifest must match the checksum the summary holds, when there is one.
+    """
+    problems: list[str] = []
+    expected_bytes = 0
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        summary = json.loads((dest / SUMMARY).read_text(encoding="utf-8"))
+        expected_bytes = int(summary["bytes"]) + sum(summary.get("dumps", {}).values()) if hashes else 0
+        if summary["manifest_sha256"] != file_sha256(dest / MANIFEST):
+            problems.append(f"{dest / MANIFEST}: changed since the snapshot was taken (checksum differs)")
+    throttle = Throttle(progress, expected_bytes)
+    buffer = bytearray(BUFFER)
+    listed: set[str] = {MANIFEST, SUMMARY, DATA}
+    base = str(dest)
+    try:
+        for entry in itertools.islice(iter_manifest(dest), 1, None):
+            checkpoint()
+            if len(problems) >= limit:
+                problems.append("… more problems not listed")
+                break
+            rel = entry["path"]
+            if entry["type"] == "dump":
+                name = f"{DUMPS}/{rel}"
+                listed.add(DUMPS)
+            else:
+                name = f"{DATA}/{entry['root']}" if rel == "." else f"{DATA}/{entry['root']}/{rel}"
+            listed.add(name)
+            path = f"{base}/{name}"
+            problem = _check_entry(path, entry)
+            if problem is None and hashes and entry["type"] in ("file", "dump"):
+                try:
+                    if file_sha256(path, buffer) != entry["sha256"]:
+                        problem = f"{path}: content differs from the manifest (SHA-256 mismatch)"
+                except OSError as error:
+                    problem = f"{path}: cannot be read ({error.strerror})"
+                throttle.add(entry["size"])
+            if problem is not None:
+                problems.append(problem)
+    except SnapshotError as error:
+        problems.append(str(error))
+        return problems
+    if len(problems) < limit:
+        problems.extend(_extra_entries(dest, listed))
+    throttle.add(0, force=True)
+    return problems[: limit + 1]
+
+
+def _check_entry(path: str, entry: Mapping[str, Any]) -> str | None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path}: missing from the snapshot"
+    if entry["type"] == "hardlink":
+        first = f"{path[: len(path) - len(entry['path'])]}{entry['target']}"
+        try:
+            same = stat.S_ISREG(info.st_mode) and os.lstat(first).st_ino == info.st_ino
+        except FileNotFoundError:
+            same = False
+        return None if same else f"{path}: should be the same file as {first}"
+    kind = "file" if entry["type"] == "dump" else entry["type"]
+    if kind_of(info) != kind:
+        return f"{path}: is a {kind_of(info) or 'special file'}, the manifest says {kind}"
+    if kind == "file" and info.st_size != entry["size"]:
+        return f"{path}: {info.st_size:,} bytes, the manifest says {entry['size']:,}"
+    if entry["type"] == "dump":
+        return None
+    if kind != "symlink" and mode_text(info) != entry["mode"]:
+        return f"{path}: mode {mode_text(info)}, the manifest says {entry['mode']}"
+    if kind == "file" and info.st_mtime_ns != entry["mtime_ns"]:
+        return f"{path}: modified after the snapshot (mtime differs from the manifest)"
+    if kind == "symlink" and os.readlink(path) != entry["target"]:
+        return f"{path}: points to {os.readlink(path)!r}, the manifest says {entry['target']!r}"
+    return None
+
+
+def _extra_entries(dest: Path, listed: set[str]) -> list[str]:
+    extra = []
+    for base in (DATA, DUMPS):
+        if not (dest / base).is_dir():
+            continue
+        for rel, _info in walk_tree(dest / base):
+            name = base if rel == "." else f"{base}/{rel}"
+            if name not in listed:
+                extra.append(f"{dest / name}: not in the manifest")
+    return extra
