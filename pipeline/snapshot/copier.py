@@ -1,4 +1,14 @@
-"""Copying one file into a snapshot (or linking the previous snapshot's copy of it)."""
+"""Copying one file into a snapshot (or linking the previous snapshot's copy of it), hashing what is stored.
+
+The bytes are hashed as they are copied: each buffer read from the live file is
+written to the copy and hashed, so the manifest holds the hash of exactly the
+bytes stored, and nothing is read twice. A large file is hashed by a second
+thread while the first copies the next buffer (`hashlib` and file I/O release
+the GIL: two cores work at once). Where the filesystem can clone (FICLONE:
+shared extents, copy-on-write) the clone is free and the copy is then read once
+to hash it. A copy that needs no hash (a restore) is made in the kernel
+(copy_file_range).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import stat
 import threading
 from collections.abc import Callable
@@ -17,34 +28,95 @@ from pipeline.snapshot.tree import mode_text, read_xattrs
 
 _CHUNK = 64 << 20  # a stop request is seen by a copy in progress at least this often
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+_PIPELINED = 4 * BUFFER  # files at least this large are hashed by a second thread while they are copied
+_HASH_BUFFERS = 4  # buffers in flight between the copying and the hashing thread
 
 
 @dataclass(frozen=True)
 class Copied:
-    sha256: str
+    sha256: str | None  # None when the copy was made without hashing
     info: os.stat_result  # the source as it was after its (last) copy
     size: int  # the bytes copied
     settled: bool  # the source did not change while it was copied
     xattrs: dict[str, str] | None
 
 
-class Copier:
-    """Copies one file, then hashes the copy: the hash in the manifest is that of the bytes stored.
+class Abandoned(Exception):
+    """A copy ended early because its snapshot was abandoned (its partial folder is being removed)."""
 
-    The copy is a clone (FICLONE: shared extents, copy-on-write) where the filesystem
-    can, else an in-kernel copy (copy_file_range), else a read/write loop through
-    `write`. Each way stops being tried once the filesystem has refused it.
+
+_END, _RESET = "end", "reset"
+
+
+class _Hasher:
+    """A second thread hashing, in order, the buffers one copying thread has written.
+
+    The copying thread takes a free buffer, reads into it, writes it out and hands
+    it over; the hasher gives it back once hashed. `finish` waits for the last one.
+    """
+
+    def __init__(self) -> None:
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | str | None] = queue.SimpleQueue()
+        self._digests: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for _ in range(_HASH_BUFFERS):
+            self.free.put(bytearray(BUFFER))
+        self._thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        digest = hashlib.sha256()
+        while True:
+            item = self._full.get()
+            if item is None:
+                return
+            if isinstance(item, str):
+                self._digests.put(digest.hexdigest() if item == _END else "")
+                digest = hashlib.sha256()
+                continue
+            buf, n = item
+            digest.update(memoryview(buf)[:n])
+            self.free.put(buf)
+
+    def hash(self, buf: bytearray, n: int) -> None:
+        self._full.put((buf, n))
+
+    def finish(self) -> str:
+        """The hash of everything handed over since the last finish or reset."""
+        self._full.put(_END)
+        return self._digests.get()
+
+    def reset(self) -> None:
+        """Drop what was handed over (a copy starting again, or failing); waits until every buffer is free."""
+        self._full.put(_RESET)
+        self._digests.get()
+
+    def close(self) -> None:
+        self._full.put(None)
+        self._thread.join()
+
+
+class Copier:
+    """Copies files for a snapshot (hashing them) or a restore (not hashing them).
+
+    Each way of copying stops being tried once the filesystem has refused it.
+    `write` is the one call that writes file content while hashing (tests inject
+    failures through it); `close` ends the hashing threads.
     """
 
     _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF)
 
-    def __init__(self, reflink: bool, write: Callable[[int, memoryview], int] = os.write) -> None:
+    def __init__(
+        self, reflink: bool, write: Callable[[int, memoryview], int] = os.write, *, hashing: bool = True
+    ) -> None:
         self.reflink = reflink
+        self.hashing = hashing
         self.kernel_copy = write is os.write
         self.write = write
         self.stop = threading.Event()  # set when the snapshot is abandoned: copies in progress end early
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._hashers: list[_Hasher] = []
         self.cloned = 0
 
     def _buffer(self) -> bytearray:
@@ -52,6 +124,21 @@ class Copier:
         if buf is None:
             buf = self._local.buffer = bytearray(BUFFER)
         return buf
+
+    def _hasher(self) -> _Hasher:
+        hasher: _Hasher | None = getattr(self._local, "hasher", None)
+        if hasher is None:
+            hasher = self._local.hasher = _Hasher()
+            with self._lock:
+                self._hashers.append(hasher)
+        return hasher
+
+    def close(self) -> None:
+        """End the hashing threads (after the last copy)."""
+        with self._lock:
+            hashers, self._hashers = self._hashers, []
+        for hasher in hashers:
+            hasher.close()
 
     def copy(self, src: str, dst: str, owner: bool) -> Copied:
         """Copy `src` to the new file `dst` with its mode, owner and times.
@@ -72,7 +159,7 @@ class Copier:
                     if attempt:
                         self._rewind(fi, fo)
                     before = os.fstat(fi)
-                    self._transfer(fi, fo, before.st_size)
+                    digest = self._transfer(fi, fo, before.st_size)
                     after = os.fstat(fi)
                     settled = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
                         after.st_size,
@@ -82,7 +169,6 @@ class Copier:
                     if settled:
                         break
                 size = os.fstat(fo).st_size
-                digest = self._hash(fo)
                 xattrs = read_xattrs(fi)
                 if owner:
                     os.fchown(fo, after.st_uid, after.st_gid)
@@ -100,34 +186,55 @@ class Copier:
         os.lseek(fo, 0, os.SEEK_SET)
         os.ftruncate(fo, 0)
 
-    def _transfer(self, fi: int, fo: int, size: int) -> None:
-        """Copy the first `size` bytes (the size when the copy began: a growing file cannot keep it going)."""
-        if self.reflink:
-            try:
-                fcntl.ioctl(fo, _FICLONE, fi)
-            except OSError as error:
-                if error.errno not in self._UNSUPPORTED:
-                    raise
-                self.reflink = False  # this filesystem cannot; stop asking
-            else:
-                with self._lock:
-                    self.cloned += 1
-                return
-        if self.kernel_copy:
-            try:
-                left = size
-                while left > 0:
-                    n = os.copy_file_range(fi, fo, min(left, _CHUNK))
-                    if not n:
-                        break  # it shrank
-                    left -= n
-                    self._check_stop()
-                return
-            except OSError as error:
-                if error.errno not in self._UNSUPPORTED:
-                    raise
-                self.kernel_copy = False
-                self._rewind(fi, fo)
+    def _transfer(self, fi: int, fo: int, size: int) -> str | None:
+        """Copy the first `size` bytes (the size when the copy began: a growing file cannot keep it going).
+
+        Returns the SHA-256 of the bytes stored (None when not hashing).
+        """
+        if self.reflink and self._clone(fi, fo):
+            return self._hash_file(fo) if self.hashing else None
+        if not self.hashing:
+            if self.kernel_copy and self._kernel_copy(fi, fo, size):
+                return None
+            self._copy_through(fi, fo, size, None)
+            return None
+        if size >= _PIPELINED and (os.cpu_count() or 1) > 1:
+            return self._copy_pipelined(fi, fo, size)
+        digest = hashlib.sha256()
+        self._copy_through(fi, fo, size, digest)
+        return digest.hexdigest()
+
+    def _clone(self, fi: int, fo: int) -> bool:
+        try:
+            fcntl.ioctl(fo, _FICLONE, fi)
+        except OSError as error:
+            if error.errno not in self._UNSUPPORTED:
+                raise
+            self.reflink = False  # this filesystem cannot; stop asking
+            return False
+        with self._lock:
+            self.cloned += 1
+        return True
+
+    def _kernel_copy(self, fi: int, fo: int, size: int) -> bool:
+        try:
+            left = size
+            while left > 0:
+                n = os.copy_file_range(fi, fo, min(left, _CHUNK))
+                if not n:
+                    break  # it shrank
+                left -= n
+                self._check_stop()
+            return True
+        except OSError as error:
+            if error.errno not in self._UNSUPPORTED:
+                raise
+            self.kernel_copy = False
+            self._rewind(fi, fo)
+            return False
+
+    def _copy_through(self, fi: int, fo: int, size: int, digest: Any) -> None:
+        """Read a buffer, hash it (if `digest`), write it; on one thread (small files)."""
         buf = self._buffer()
         view = memoryview(buf)
         done = 0
@@ -139,11 +246,38 @@ class Copier:
             if done % _CHUNK < n:
                 self._check_stop()
             chunk = view[:n]
-            while chunk:
-                written = self.write(fo, chunk)
-                chunk = chunk[written:]
+            if digest is not None:
+                digest.update(chunk)
+            self._write_all(fo, chunk)
 
-    def _hash(self, fd: int) -> str:
+    def _copy_pipelined(self, fi: int, fo: int, size: int) -> str:
+        """Read and write on this thread while the hasher hashes the buffers already written."""
+        hasher = self._hasher()
+        done = 0
+        try:
+            while done < size:
+                buf = hasher.free.get()
+                view = memoryview(buf)
+                n = os.readv(fi, [view[: min(BUFFER, size - done)]])
+                if not n:
+                    hasher.free.put(buf)
+                    break  # it shrank
+                self._write_all(fo, view[:n])
+                hasher.hash(buf, n)
+                done += n
+                if done % _CHUNK < n:
+                    self._check_stop()
+        except BaseException:
+            hasher.reset()
+            raise
+        return hasher.finish()
+
+    def _write_all(self, fo: int, chunk: memoryview) -> None:
+        while chunk:
+            written = self.write(fo, chunk)
+            chunk = chunk[written:]
+
+    def _hash_file(self, fd: int) -> str:
         digest = hashlib.sha256()
         buf = self._buffer()
         view = memoryview(buf)
@@ -163,16 +297,15 @@ class Copier:
             raise Abandoned
 
 
-class Abandoned(Exception):
-    """A copy ended early because its snapshot was abandoned (its partial folder is being removed)."""
+def link_previous(previous_copy: str, dst: str, size: int, mtime_ns: int, mode: str) -> bool:
+    """Hard-link the previous snapshot's copy if it is still as recorded; False to copy instead.
 
-
-def link_previous(previous_copy: str, dst: str, fields: tuple[Any, ...]) -> bool:
-    """Hard-link the previous snapshot's copy if it is still as recorded; False to copy instead."""
-    size, mode, _uid, _gid, mtime_ns = fields[:5]
+    The copy must still be a regular file with the size, mtime and mode (octal text)
+    the manifest records: a copy changed in the backups folder is never carried forward.
+    """
     try:
         info = os.lstat(previous_copy)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns, mode_text(info)) != (size, mtime_ns, mode):
         return False

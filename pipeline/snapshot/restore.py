@@ -14,9 +14,18 @@ from typing import Any
 from pipeline.errors import SnapshotError
 from pipeline.snapshot.copier import Copier
 from pipeline.snapshot.layout import DATA
-from pipeline.snapshot.manifest import read_manifest
+from pipeline.snapshot.manifest import racy_from_ns, read_manifest
 from pipeline.snapshot.progress import Checkpoint, Progress, Throttle, no_checkpoint, no_progress
-from pipeline.snapshot.tree import apply_meta, can_chown, kind_of, mode_text, restore_xattrs, sync_filesystem, walk_tree
+from pipeline.snapshot.tree import (
+    apply_meta,
+    can_chown,
+    file_sha256,
+    kind_of,
+    mode_text,
+    restore_xattrs,
+    sync_filesystem,
+    walk_tree,
+)
 from pipeline.snapshot.verify import verify_snapshot
 
 _RESTORE_PREFIX = ".dropgate-restore-"  # + pid: short, so that a name at the length limit still fits
@@ -45,7 +54,7 @@ def restore_snapshot(
 
     Verifies the whole snapshot first (SnapshotError and nothing touched if it fails).
     `targets` maps a recorded source path to where it is restored (default: in place).
-    Unchanged files (same inode and ctime as recorded) are kept; the rest are copied
+    Unchanged files (same inode and ctime as recorded; racy ones also the same hash) are kept; the rest are copied
     out of the snapshot under a temporary name and renamed over the live one; entries
     the snapshot does not have are removed; modes, owners, mtimes and extended
     attributes are set back; each restored filesystem is synced before returning.
@@ -68,7 +77,13 @@ def restore_snapshot(
         target = Path(targets[source]) if targets and source in targets else Path(source)
         entries = by_root.get(root["name"], [])
         counts = _restore_root(
-            dest / DATA / root["name"], target, entries, owner=owner, checkpoint=checkpoint, throttle=throttle
+            dest / DATA / root["name"],
+            target,
+            entries,
+            owner=owner,
+            checkpoint=checkpoint,
+            throttle=throttle,
+            racy_from=racy_from_ns(manifest.header),
         )
         totals = [a + b for a, b in zip(totals, counts, strict=True)]
         if durable:
@@ -85,6 +100,7 @@ def _restore_root(
     owner: bool,
     checkpoint: Checkpoint,
     throttle: Throttle,
+    racy_from: int,
 ) -> tuple[int, int, int, int]:
     wanted = {entry["path"]: entry for entry in entries}
     removed = restored = kept = copied_bytes = 0
@@ -103,7 +119,7 @@ def _restore_root(
                 path.unlink()
             removed += 1
     # 2. Put back every entry, folders before their content.
-    copier = Copier(reflink=True)
+    copier = Copier(reflink=True, hashing=False)  # the snapshot was verified, hashes included
     folders = []
     for entry in entries:
         checkpoint()
@@ -126,7 +142,7 @@ def _restore_root(
             os.link(target / entry["target"], tmp)
             os.replace(tmp, path)
         elif kind == "file":
-            if _untouched(path, entry):
+            if _untouched(path, entry, racy_from):
                 kept += 1
             else:
                 tmp = path.with_name(f"{_RESTORE_PREFIX}{os.getpid()}")
@@ -147,13 +163,17 @@ def _restore_root(
     return restored, kept, removed, copied_bytes
 
 
-def _untouched(path: Path, entry: Mapping[str, Any]) -> bool:
-    """The live file is still the very inode the snapshot read, unmodified since (ctime unmoved)."""
+def _untouched(path: Path, entry: Mapping[str, Any], racy_from: int) -> bool:
+    """The live file is still the very inode the snapshot read, unmodified since (ctime unmoved).
+
+    A racy file (its ctime too close to the snapshot's start to prove anything, see
+    `manifest.RACY_NS`) must also still hash to what the snapshot holds.
+    """
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return False
-    return (
+    same = (
         stat.S_ISREG(info.st_mode)
         and info.st_ino == entry.get("src_ino")
         and info.st_dev == entry.get("src_dev")
@@ -162,6 +182,12 @@ def _untouched(path: Path, entry: Mapping[str, Any]) -> bool:
         and info.st_mtime_ns == entry["mtime_ns"]
         and mode_text(info) == entry["mode"]
     )
+    if not same or info.st_ctime_ns < racy_from:
+        return same
+    try:
+        return file_sha256(path) == entry.get("sha256")
+    except OSError:
+        return False
 
 
 def _replace_with_symlink(path: Path, target: str) -> None:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import NoSpace, SnapshotError
-from pipeline.snapshot.layout import BLOCK, format_bytes
+from pipeline.snapshot.layout import BLOCK, format_bytes, root_names
 from pipeline.snapshot.manifest import Previous
-from pipeline.snapshot.progress import Throttle
 from pipeline.snapshot.tree import kind_of, walk_tree
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -34,35 +33,59 @@ def blocks(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
+def manifest_line_bytes(root: str, rel: str) -> int:
+    """An upper bound of the manifest line of one entry (ASCII JSON: other characters take up to 12 bytes)."""
+    name = len(root) + len(rel)
+    return 256 + (name if root.isascii() and rel.isascii() else 12 * name)
+
+
 def estimate_with(sources: Sequence[Path], previous: Previous, dump_bytes: int) -> Estimate:
+    """Walk `sources` as the snapshot will, counting what it will hold and what must be written.
+
+    A racy file (`Match.racy`) counts as shared: it can only differ from its previous
+    copy if it was written again within the same tick of the filesystem's clock.
+    """
     files = dirs = total = new_files = new_bytes = need = 0
-    for source in sources:
+    for root, source in zip(root_names(sources), sources, strict=True):
         inodes: set[tuple[int, int]] = set()
-        for rel, info in walk_tree(source):
-            kind = kind_of(info)
-            if kind == "file" and info.st_nlink > 1:
-                if (info.st_dev, info.st_ino) in inodes:
+        known = previous.files(str(source))
+        try:
+            for rel, info in walk_tree(source):
+                kind = kind_of(info)
+                need += manifest_line_bytes(root, rel)
+                if kind == "file" and info.st_nlink > 1:
+                    if (info.st_dev, info.st_ino) in inodes:
+                        files += 1
+                        continue
+                    inodes.add((info.st_dev, info.st_ino))
+                if kind == "dir":
+                    dirs += 1
+                    need += BLOCK
+                elif kind == "file":
                     files += 1
-                    continue
-                inodes.add((info.st_dev, info.st_ino))
-            if kind == "dir":
-                dirs += 1
-                need += BLOCK
-            elif kind == "file":
-                files += 1
-                total += info.st_size
-                if previous.unchanged(str(source), rel, info) is None:
-                    new_files += 1
-                    new_bytes += info.st_size
-                    need += blocks(info.st_size)
-            need += 160  # its manifest line
+                    total += info.st_size
+                    match = known.match(rel, info)
+                    if match is None:
+                        new_files += 1
+                        new_bytes += info.st_size
+                        need += blocks(info.st_size)
+        finally:
+            known.close()
     need += dump_bytes + BLOCK * 8
     return Estimate(files, dirs, total, new_files, new_bytes, need, new_files + dirs + 16)
 
 
 def estimate_snapshot(sources: Sequence[Path], previous: Path | None = None, *, dump_bytes: int = 0) -> Estimate:
-    """What a snapshot of `sources` taken now would hold, and the space it would need on top of `previous`."""
-    return estimate_with(sources, Previous.load(previous), dump_bytes)
+    """What a snapshot of `sources` taken now would hold, and the space it would need on top of `previous`.
+
+    A previous snapshot that cannot be used (incomplete, its manifest changed) is left
+    out, as the snapshot itself would: everything then counts as written.
+    """
+    try:
+        known = Previous.load(previous)
+    except (SnapshotError, KeyError, TypeError, ValueError):
+        known = Previous.load(None)
+    return estimate_with(sources, known, dump_bytes)
 
 
 @dataclass(frozen=True)
@@ -78,28 +101,40 @@ def probe_space(path: Path) -> Space:
     return Space(vfs.f_bavail * vfs.f_frsize, inodes)
 
 
-def translate_os_error(
-    error: OSError, where: str, partial: Path, space: Callable[[Path], Space], throttle: Throttle
+def disk_error(
+    error: OSError,
+    *,
+    backups: Path,
+    doing: str,
+    path: Path | str,
+    still_to_write: int,
+    space: Callable[[Path], Space],
 ) -> SnapshotError:
-    """A full disk becomes NoSpace naming the file and the bytes still to write; the rest a one-liner."""
-    if error.errno in _NO_SPACE:
-        try:
-            free = space(partial).free_bytes
-        except OSError:
-            free = 0
-        remaining = max(0, throttle.expected - throttle.done)
-        missing = max(1, remaining - free)
-        if not remaining:
-            return NoSpace(
-                f"the backup disk ({partial.parent}) filled while writing {where} "
-                f"(every file was copied; {format_bytes(free)} free)",
-                path=Path(where),
-                missing=missing,
-            )
+    """A full disk becomes NoSpace naming what was being written and the bytes missing; the rest a one-liner.
+
+    `doing` says what was being written ("copying /srv/data/a.pdf", "writing the
+    snapshot's manifest /backups/.7.partial/manifest.jsonl"); `still_to_write` is
+    every byte the snapshot had yet to write, this file's included; `path` the file
+    (the live file being copied, or the snapshot's own file) the error is about.
+    """
+    if error.errno not in _NO_SPACE:
+        where = error.filename or doing
+        return SnapshotError(f"backup failed while {doing}: {where}: {error.strerror or error}")
+    try:
+        free = space(backups)
+    except OSError:
+        free = Space(0, 0)
+    if free.free_inodes == 0:
         return NoSpace(
-            f"the backup disk ({partial.parent}) filled while copying {where}: about {missing:,} more bytes "
-            f"were needed ({format_bytes(remaining)} still to write, {format_bytes(free)} free)",
-            path=Path(where),
-            missing=missing,
+            f"the backup disk ({backups}) ran out of inodes (room for new files) while {doing}; "
+            f"{format_bytes(free.free_bytes)} free",
+            path=Path(path),
+            missing=0,
         )
-    return SnapshotError(f"backup of {error.filename or where} failed: {error.strerror or error}")
+    missing = max(1, still_to_write - free.free_bytes)
+    return NoSpace(
+        f"the backup disk ({backups}) filled while {doing}: about {missing:,} more bytes were needed "
+        f"({format_bytes(still_to_write)} still to write, {format_bytes(free.free_bytes)} free)",
+        path=Path(path),
+        missing=missing,
+    )

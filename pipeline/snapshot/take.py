@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from pipeline.errors import NoSpace, SnapshotError
 from pipeline.snapshot.catalog import SnapshotInfo, read_summary, write_json_atomic
 from pipeline.snapshot.copier import Copied, Copier, link_previous
 from pipeline.snapshot.layout import (
+    BLOCK,
     BUFFER,
     DATA,
     DUMPS,
@@ -27,9 +28,9 @@ from pipeline.snapshot.layout import (
     partial_dir,
     root_names,
 )
-from pipeline.snapshot.manifest import FILE_KEYS, Previous
+from pipeline.snapshot.manifest import Match, Previous, encode_entry
 from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
-from pipeline.snapshot.space import Space, estimate_with, probe_space, translate_os_error
+from pipeline.snapshot.space import Space, disk_error, estimate_with, probe_space
 from pipeline.snapshot.tree import (
     apply_meta,
     can_chown,
@@ -38,6 +39,7 @@ from pipeline.snapshot.tree import (
     fsync_dir,
     kind_of,
     meta_fields,
+    mode_text,
     read_xattrs,
     sync_filesystem,
     walk_tree,
@@ -79,7 +81,7 @@ def take_snapshot(
         raise SnapshotError(f"data path {', '.join(missing_sources)} does not exist")
     try:
         prev = Previous.load(previous)
-    except (SnapshotError, KeyError, TypeError):
+    except (SnapshotError, KeyError, TypeError, ValueError):
         prev = Previous.load(None)
     created = now()
     dump_hint = sum(prev.dumps.values())
@@ -105,8 +107,17 @@ def take_snapshot(
     partial = partial_dir(dest)
     if partial.exists():
         shutil.rmtree(partial)  # left by a run that died; never trusted
-    partial.mkdir(mode=0o700)
     throttle = Throttle(progress, estimate.bytes + dump_hint)
+    backups = dest.parent
+
+    def full(error: OSError, doing: str, path: Path, this_file: int) -> SnapshotError:
+        left = max(0, throttle.expected - throttle.done) + this_file
+        return disk_error(error, backups=backups, doing=doing, path=path, still_to_write=left, space=space)
+
+    try:
+        partial.mkdir(mode=0o700)
+    except OSError as error:
+        raise full(error, f"creating {partial}", partial, BLOCK) from error
     try:
         summary = _fill(
             sources,
@@ -126,9 +137,16 @@ def take_snapshot(
         summary["verified_at"] = now()
         summary["verify_problems"] = []
         summary["finished"] = now()
-        write_json_atomic(partial / SUMMARY, summary)
+        try:
+            write_json_atomic(partial / SUMMARY, summary)
+        except OSError as error:
+            size = len(json.dumps(summary, indent=1, sort_keys=True)) + 1
+            raise full(error, f"writing the snapshot's summary {partial / SUMMARY}", partial / SUMMARY, size) from error
         if durable:
-            sync_filesystem(partial)
+            try:
+                sync_filesystem(partial)
+            except OSError as error:
+                raise full(error, f"syncing {partial} to disk", partial, 0) from error
         checkpoint()
         os.rename(partial, dest)
         fsync_dir(dest.parent)
@@ -143,6 +161,78 @@ def _check_verified(dest: Path, problems: Sequence[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise SnapshotError(f"the snapshot {dest} failed verification: {problems[0]}{more}")
+
+
+class _ManifestFile:
+    """The manifest being written: lines in walk order, written out in large pieces, synced at the end."""
+
+    def __init__(self, path: Path, translate: Callable[[OSError, str, Path, int], SnapshotError]) -> None:
+        self.path = path
+        self._translate = translate
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._parts: list[str] = []
+        self._pending = 0
+
+    def add(self, line: str) -> None:
+        self._parts.append(line)
+        self._pending += len(line)
+        if self._pending >= BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        data = memoryview("".join(self._parts).encode("utf-8"))
+        self._parts, self._pending = [], 0
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as error:
+            raise self._translate(
+                error, f"writing the snapshot's manifest {self.path}", self.path, len(data)
+            ) from error
+
+    def close(self) -> None:
+        """Write what is left and sync it (the summary's checksum is taken from what is on disk)."""
+        self.flush()
+        try:
+            os.fsync(self._fd)
+        except OSError as error:
+            raise self._translate(error, f"writing the snapshot's manifest {self.path}", self.path, 0) from error
+        self.abandon()
+
+    def abandon(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass
+class _InFlight:
+    """A file being copied (or, racy, compared) on the pool: it holds its place among the manifest lines."""
+
+    entry: dict[str, Any]
+    src: str
+    future: Future[Copied | None]  # None: the previous copy was linked after all
+    match: Match | None
+    size: int = 0  # the size the walk saw
+    renamed: bool = False  # the data path had another folder name in the previous snapshot
+
+
+def _share_if_same(
+    copier: Copier, src: str, dst: str, *, previous_copy: str, match: Match, owner: bool
+) -> Copied | None:
+    """A racy file: link the previous copy if the live bytes still hash to what it holds, else copy."""
+    entry = match.entry
+    same = file_sha256(src) == entry.get("sha256")
+    info = os.lstat(src)
+    unchanged = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino) == (
+        entry.get("size"),
+        entry.get("mtime_ns"),
+        entry.get("src_ctime_ns"),
+        entry.get("src_ino"),
+    )
+    if same and unchanged and link_previous(previous_copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
+        return None
+    return copier.copy(src, dst, owner)
 
 
 def _fill(
@@ -160,7 +250,11 @@ def _fill(
     space: Callable[[Path], Space],
     write: Callable[[int, memoryview], int],
 ) -> dict[str, Any]:
-    """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary."""
+    """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary.
+
+    The manifest lists each data path's entries in the order of the walk (the next
+    snapshot reads it along its own walk); a file being copied holds its place.
+    """
     owner = can_chown()
     names = root_names(sources)
     copier = Copier(reflink, write)
@@ -169,37 +263,58 @@ def _fill(
     )
     folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
-    window: deque[tuple[dict[str, Any], str, Future[Copied]]] = deque()
-    limit = 64
-    manifest_path = partial / MANIFEST
-    current = ""
+    window: deque[str | _InFlight] = deque()  # manifest lines in walk order, and copies holding their place
+    in_flight = 0
+    limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
+    backups = partial.parent
+    doing, where = "", ""
 
-    def settle(manifest: Any, block: bool) -> None:
-        while window and (block or len(window) >= limit or window[0][2].done()):
-            entry, src, future = window.popleft()
+    def translate(error: OSError, what: str, path: str | Path, this_file: int) -> SnapshotError:
+        left = max(0, throttle.expected - throttle.done) + this_file
+        return disk_error(error, backups=backups, doing=what, path=path, still_to_write=left, space=space)
+
+    manifest = _ManifestFile(partial / MANIFEST, translate)
+
+    def settle(block: bool) -> None:
+        nonlocal in_flight
+        while window:
+            head = window[0]
+            if isinstance(head, str):
+                manifest.add(window.popleft())  # type: ignore[arg-type]
+                continue
+            if not (block or in_flight >= limit or len(window) >= most or head.future.done()):
+                return
+            window.popleft()
+            in_flight -= 1
             try:
-                copied = future.result()
+                copied = head.future.result()
             except FileNotFoundError as error:
-                if error.filename != src:
-                    raise translate_os_error(error, src, partial, space, throttle) from error
+                if error.filename != head.src:
+                    raise translate(error, f"copying {head.src}", head.src, 0) from error
                 counts["vanished_files"] += 1  # removed by the platform since the walk saw it
                 counts["files"] -= 1
                 continue
             except OSError as error:
-                raise translate_os_error(error, src, partial, space, throttle) from error
+                raise translate(error, f"copying {head.src}", head.src, 0) from error
+            entry = head.entry
+            if copied is None:
+                assert head.match is not None
+                manifest.add(_shared_line(head.match, entry["root"], renamed=head.renamed))
+                counts["shared_files"] += 1
+                counts["bytes"] += head.size
+                throttle.add(head.size)
+                continue
             entry.update(file_fields(copied.info), size=copied.size, sha256=copied.sha256)
             if copied.xattrs:
                 entry["xattrs"] = copied.xattrs
-            manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            manifest.add(encode_entry(entry))
             counts["new_files"] += 1
             counts["new_bytes"] += copied.size
             counts["bytes"] += copied.size
             counts["changing_files"] += not copied.settled
             throttle.add(copied.size)
 
-    manifest = None
     try:
-        manifest = open(manifest_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below, quietly on failure
         header = {
             "format": FORMAT,
             "run": run_id,
@@ -207,93 +322,111 @@ def _fill(
             "previous": prev.run,
             "roots": [{"name": name, "source": str(src)} for name, src in zip(names, sources, strict=True)],
         }
-        manifest.write(json.dumps(header, separators=(",", ":")) + "\n")
+        manifest.add(encode_entry(header))
+        doing, where = f"creating {partial / DATA}", str(partial / DATA)
         (partial / DATA).mkdir()
         for name, source_path in zip(names, sources, strict=True):
             source, base = str(source_path), str(partial / DATA / name)
             inodes: dict[tuple[int, int], str] = {}  # files with several names: the first name seen
             links: list[tuple[str, str, dict[str, Any]]] = []  # made once every file of this path is in
-            for rel, info in walk_tree(source_path):
-                checkpoint()
-                kind = kind_of(info)
-                if kind is None:
-                    continue
-                src = source if rel == "." else f"{source}/{rel}"
-                dst = base if rel == "." else f"{base}/{rel}"
-                current = src
-                entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
-                if kind == "dir":
-                    os.mkdir(dst, 0o700)
-                    entry.update(meta_fields(info))
-                    xattrs = read_xattrs(src)
-                    if xattrs:
-                        entry["xattrs"] = xattrs
-                    folders.append((dst, entry))
-                    counts["dirs"] += 1
-                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-                elif kind == "symlink":
-                    try:
-                        target = os.readlink(src)
-                    except FileNotFoundError:
-                        counts["vanished_files"] += 1
+            known = prev.files(source)
+            renamed = prev.names.get(source, name) != name
+            try:
+                for rel, info in walk_tree(source_path):
+                    checkpoint()
+                    kind = kind_of(info)
+                    if kind is None:
                         continue
-                    os.symlink(target, dst)
-                    entry.update(meta_fields(info), target=target)
-                    xattrs = read_xattrs(src)
-                    if xattrs:
-                        entry["xattrs"] = xattrs
-                    apply_meta(dst, entry, owner)
-                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-                elif info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes:
-                    first = inodes[(info.st_dev, info.st_ino)]
-                    entry.update(target=first)
-                    entry["type"] = "hardlink"
-                    links.append((f"{base}/{first}", dst, entry))
-                    counts["files"] += 1
-                else:
-                    if info.st_nlink > 1:
-                        inodes[(info.st_dev, info.st_ino)] = rel
-                    counts["files"] += 1
-                    shared = prev.unchanged(source, rel, info)
-                    if shared is not None and link_previous(prev.copy_of(source, rel), dst, shared):
-                        entry.update((k, v) for k, v in zip(FILE_KEYS, shared, strict=True) if v is not None)
-                        counts["shared_files"] += 1
-                        counts["bytes"] += info.st_size
-                        throttle.add(info.st_size)
-                        manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                    src = source if rel == "." else f"{source}/{rel}"
+                    dst = base if rel == "." else f"{base}/{rel}"
+                    doing, where = f"creating {dst}", dst
+                    entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
+                    if kind == "dir":
+                        os.mkdir(dst, 0o700)
+                        entry.update(meta_fields(info))
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        folders.append((dst, entry))
+                        counts["dirs"] += 1
+                        window.append(encode_entry(entry))
+                    elif kind == "symlink":
+                        try:
+                            target = os.readlink(src)
+                        except FileNotFoundError:
+                            counts["vanished_files"] += 1
+                            continue
+                        os.symlink(target, dst)
+                        entry.update(meta_fields(info), target=target)
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        apply_meta(dst, entry, owner)
+                        window.append(encode_entry(entry))
+                    elif info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes:
+                        first = inodes[(info.st_dev, info.st_ino)]
+                        entry.update(target=first)
+                        entry["type"] = "hardlink"
+                        links.append((f"{base}/{first}", dst, entry))
+                        counts["files"] += 1
                     else:
-                        window.append((entry, src, pool.submit(copier.copy, src, dst, owner)))
-                settle(manifest, block=False)
+                        if info.st_nlink > 1:
+                            inodes[(info.st_dev, info.st_ino)] = rel
+                        counts["files"] += 1
+                        match = known.match(rel, info)
+                        if match is not None and not match.racy:
+                            copy = prev.copy_of(source, rel)
+                            if link_previous(copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
+                                window.append(_shared_line(match, name, renamed=renamed))
+                                counts["shared_files"] += 1
+                                counts["bytes"] += info.st_size
+                                throttle.add(info.st_size)
+                                settle(block=False)
+                                continue
+                            match = None
+                        if match is not None:
+                            task = pool.submit(
+                                _share_if_same,
+                                copier,
+                                src,
+                                dst,
+                                previous_copy=prev.copy_of(source, rel),
+                                match=match,
+                                owner=owner,
+                            )
+                        else:
+                            task = pool.submit(copier.copy, src, dst, owner)
+                        window.append(_InFlight(entry, src, task, match, info.st_size, renamed))
+                        in_flight += 1
+                    settle(block=False)
+            finally:
+                known.close()
             if links:
-                settle(manifest, block=True)
+                settle(block=True)
                 for first_copy, dst, entry in links:
-                    current = dst
+                    doing, where = f"creating {dst}", dst
                     try:
                         os.link(first_copy, dst)
                     except FileNotFoundError:
                         counts["vanished_files"] += 1  # its first name was removed before it was copied
                         counts["files"] -= 1
                         continue
-                    manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        settle(manifest, block=True)
+                    window.append(encode_entry(entry))
+        settle(block=True)
         for dst, entry in reversed(folders):
+            doing, where = f"setting the times of {dst}", dst
             apply_meta(dst, entry, owner)
-        current = str(manifest_path)
-        manifest.flush()
         dump_sizes = _run_dumps(
             partial, dumps, manifest=manifest, checkpoint=checkpoint, throttle=throttle, space=space
         )
-        current = str(manifest_path)
-        manifest.flush()
-        os.fsync(manifest.fileno())
         manifest.close()
     except OSError as error:
-        raise translate_os_error(error, current, partial, space, throttle) from error
+        raise translate(error, doing, where, BLOCK) from error
     finally:
         copier.stop.set()  # nothing is left to copy on success; on failure, copies in progress end early
         pool.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(OSError, AttributeError):
-            manifest.close()  # type: ignore[union-attr]  # after a failure (a full disk) the buffered lines are lost with the partial folder
+        copier.close()
+        manifest.abandon()  # after a failure (a full disk) the lines not written are lost with the partial folder
     return {
         "format": FORMAT,
         "run": run_id,
@@ -303,15 +436,22 @@ def _fill(
         **counts,
         "cloned_files": copier.cloned,
         "dumps": dump_sizes,
-        "manifest_sha256": file_sha256(manifest_path),
+        "manifest_sha256": file_sha256(manifest.path),
     }
+
+
+def _shared_line(match: Match, root: str, *, renamed: bool) -> str:
+    """The manifest line of a shared file: the previous one as it was (re-encoded if the root was renamed)."""
+    if not renamed and match.line.endswith("\n"):
+        return match.line
+    return encode_entry({**match.entry, "root": root})
 
 
 def _run_dumps(
     partial: Path,
     dumps: Sequence[tuple[str, DumpWriter]],
     *,
-    manifest: Any,
+    manifest: _ManifestFile,
     checkpoint: Checkpoint,
     throttle: Throttle,
     space: Callable[[Path], Space],
@@ -339,7 +479,7 @@ def _run_dumps(
         info = os.stat(target)
         os.chmod(target, 0o600)
         entry = {"root": DUMPS, "path": name, "type": "dump", "size": info.st_size, "sha256": file_sha256(target)}
-        manifest.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        manifest.add(encode_entry(entry))
         sizes[name] = info.st_size
         throttle.add(info.st_size)
     return sizes

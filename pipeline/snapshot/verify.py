@@ -15,7 +15,7 @@ from pipeline.errors import SnapshotError
 from pipeline.snapshot.layout import BUFFER, DATA, DUMPS, MANIFEST, SUMMARY
 from pipeline.snapshot.manifest import iter_manifest
 from pipeline.snapshot.progress import Checkpoint, Progress, Throttle, no_checkpoint, no_progress
-from pipeline.snapshot.tree import file_sha256, kind_of, mode_text, walk_tree
+from pipeline.snapshot.tree import file_sha256, kind_of, mode_text
 
 
 def verify_snapshot(
@@ -42,7 +42,8 @@ def verify_snapshot(
             problems.append(f"{dest / MANIFEST}: changed since the snapshot was taken (checksum differs)")
     throttle = Throttle(progress, expected_bytes)
     buffer = bytearray(BUFFER)
-    listed: set[str] = {MANIFEST, SUMMARY, DATA}
+    listed: dict[str, int] = {}  # folder (relative to dest) -> how many entries the manifest lists in it
+    suspects: set[str] = set()  # folders with a listed entry missing: their names are compared one by one
     base = str(dest)
     try:
         for entry in itertools.islice(iter_manifest(dest), 1, None):
@@ -53,10 +54,10 @@ def verify_snapshot(
             rel = entry["path"]
             if entry["type"] == "dump":
                 name = f"{DUMPS}/{rel}"
-                listed.add(DUMPS)
             else:
                 name = f"{DATA}/{entry['root']}" if rel == "." else f"{DATA}/{entry['root']}/{rel}"
-            listed.add(name)
+            folder = name.rpartition("/")[0]
+            listed[folder] = listed.get(folder, 0) + 1
             path = f"{base}/{name}"
             problem = _check_entry(path, entry)
             if problem is None and hashes and entry["type"] in ("file", "dump"):
@@ -68,11 +69,12 @@ def verify_snapshot(
                 throttle.add(entry["size"])
             if problem is not None:
                 problems.append(problem)
+                suspects.add(folder)
     except SnapshotError as error:
         problems.append(str(error))
         return problems
     if len(problems) < limit:
-        problems.extend(_extra_entries(dest, listed))
+        problems.extend(_extra_entries(dest, listed, suspects))
     throttle.add(0, force=True)
     return problems[: limit + 1]
 
@@ -105,13 +107,41 @@ def _check_entry(path: str, entry: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _extra_entries(dest: Path, listed: set[str]) -> list[str]:
-    extra = []
-    for base in (DATA, DUMPS):
-        if not (dest / base).is_dir():
+def _extra_entries(dest: Path, listed: Mapping[str, int], suspects: set[str]) -> list[str]:
+    """What the snapshot holds beyond its manifest, named.
+
+    Each folder's entries are counted (a listing, no stat) against the number the
+    manifest lists there; only a folder whose count differs, or where a listed entry
+    was missing, has its names compared, from a second reading of the manifest.
+    """
+    differing: dict[str, list[str]] = {}
+    if (dest / DUMPS).is_dir() and DUMPS not in listed:
+        return [f"{dest / DUMPS}: not in the manifest"]
+    pending = [base for base in (DATA, DUMPS) if base in listed or (dest / base).is_dir()]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(dest / folder) as scan:
+                entries = list(scan)
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        for rel, _info in walk_tree(dest / base):
-            name = base if rel == "." else f"{base}/{rel}"
-            if name not in listed:
-                extra.append(f"{dest / name}: not in the manifest")
-    return extra
+        for child in entries:
+            if child.is_dir(follow_symlinks=False):
+                pending.append(f"{folder}/{child.name}")
+        if len(entries) != listed.get(folder, 0) or folder in suspects:
+            differing[folder] = [child.name for child in entries]
+    if not differing:
+        return []
+    names: dict[str, set[str]] = {folder: set() for folder in differing}
+    for entry in itertools.islice(iter_manifest(dest), 1, None):
+        rel = entry["path"]
+        name = f"{DUMPS}/{rel}" if entry["type"] == "dump" else f"{DATA}/{entry['root']}/{rel}".removesuffix("/.")
+        folder, _, base = name.rpartition("/")
+        if folder in names:
+            names[folder].add(base)
+    return sorted(
+        f"{dest / folder / name}: not in the manifest"
+        for folder, present in differing.items()
+        for name in present
+        if name not in names[folder]
+    )
