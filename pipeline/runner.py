@@ -33,6 +33,7 @@ from pipeline.context import StepContext
 from pipeline.errors import ControlRefused, StepAborted, StepFailed
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
+from pipeline.priority import run_step
 from pipeline.process import CancelToken
 from pipeline.release import current_release
 from pipeline.runlog import RunLog
@@ -448,7 +449,7 @@ class Runner(threading.Thread):
         self.observers.step_started(current, step, started, deadline)
         error: StepFailed | None = None
         try:
-            self.steps[step].run(ctx)
+            run_step(self.steps[step], ctx)  # a BACKGROUND step on its own lowered thread
         except StepFailed as failure:
             error = failure
         except Exception as unexpected:

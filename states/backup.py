@@ -26,6 +26,7 @@ from pipeline.snapshot import (
     verify_snapshot,
 )
 
+BACKGROUND = True  # runs while the platform serves users: at `background` priority (pipeline/priority.py)
 DATA_SHARE = 0.9  # of the step's progress bar, when dumps follow the data copy
 
 
