@@ -81,6 +81,7 @@ def enter(ctx: StepContext) -> None:
         ctx.event(f"maintenance on: {flag} written (Retry-After {retry_after}s)")
     else:
         ctx.update_run(maintenance=True)
+        ctx.save_facts(services_stopped=ctx.now())  # stopped again: services started before count no more
         ctx.event(f"maintenance already on since {_clock(since)} ({flag})")
     commands = config.platform.services.stop
     for index, command in enumerate(commands, start=1):
@@ -94,6 +95,9 @@ def enter(ctx: StepContext) -> None:
 def leave(ctx: StepContext) -> None:
     """Run `platform.services.start`, then remove the flag; record the downtime.
 
+    The start commands are not run again when `apply` ran them after the switch
+    (fact `services_started`, later than the last stop).
+
     Idempotent, and a no-op when this run never entered maintenance (a flag
     set by someone else is left alone). If a start command fails, the flag
     stays and the run keeps saying maintenance is on.
@@ -104,6 +108,10 @@ def leave(ctx: StepContext) -> None:
     if since is None:
         return
     commands = config.platform.services.start
+    stopped = max(float(since), float(ctx.facts.get("services_stopped") or 0.0))
+    already = float(ctx.facts.get("services_started") or 0.0) >= stopped
+    if already:
+        commands = []  # apply started them after the switch (and verify found them healthy): not again
     for index, command in enumerate(commands, start=1):
         ctx.run_command(command, what=f"start {index}/{len(commands)}", progress=False)
     flag.unlink(missing_ok=True)
@@ -111,7 +119,7 @@ def leave(ctx: StepContext) -> None:
     total = float(ctx.facts.get("downtime_seconds") or 0.0) + window
     ctx.save_facts(maintenance_since=None, downtime_seconds=round(total, 3))
     ctx.update_run(maintenance=False)
-    started = "services started, " if commands else ""
+    started = "services started, " if commands else "services started after the switch, " if already else ""
     ctx.event(f"maintenance off after {window:.1f}s: {started}{flag} removed")
 
 
