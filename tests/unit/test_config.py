@@ -141,3 +141,22 @@ def test_a_missing_config_file_is_a_configuration_error(tmp_path: Path) -> None:
 def test_auto_update_cannot_be_switched_on_before_the_fetcher_exists(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"auto_update.enabled: the scheduled fetcher is not part of this release"):
         parse_config(minimal(auto_update={"enabled": True, "feed": "https://vendor.example/feed"}), base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("background", "problem"),
+    [
+        ({"nice": 20}, "background.nice: Input should be less than or equal to 19"),
+        ({"nice": -1}, "background.nice: Input should be greater than or equal to 0"),
+        ({"io_class": "realtime"}, "background.io_class: Input should be 'idle', 'best-effort' or 'none'"),
+        ({"ionice": "idle"}, "background.ionice: unknown key"),
+    ],
+)
+def test_background_priority_accepts_only_what_yields_to_the_platform(
+    tmp_path: Path, background: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(background=background), base=tmp_path)
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+    defaults = parse_config(minimal(), base=tmp_path).background
+    assert (defaults.io_class, defaults.nice) == ("idle", 10)
