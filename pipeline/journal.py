@@ -1,11 +1,13 @@
 """The journal: SQLite (WAL, synchronous FULL) holding runs, events and step timings.
 
 It is the single source of truth for status and history; the gate is derived
-from it, never stored beside it. Every change of a run's state is synced to
-disk before the call returns; events, step timings and progress are committed
-without waiting for the disk and synced with the next change of state (a
-SIGKILL loses none of them; a power cut at most the last lines of history). The daemon opens it read-write; the read-only
+from it, never stored beside it. The daemon opens it read-write; the read-only
 commands open it read-only and work while the daemon is down.
+
+Every change of a run's state is synced to disk before the call returns;
+events, step timings and progress are committed without waiting for the disk
+and synced with the next change of state (a SIGKILL loses none of them; a
+power cut at most the last lines of history).
 """
 
 from __future__ import annotations
