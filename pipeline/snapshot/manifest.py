@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,43 @@ def iter_manifest(dest: Path) -> Iterator[dict[str, Any]]:
         raise SnapshotError(f"{dest}: the snapshot has no manifest") from None
     except ValueError as error:
         raise SnapshotError(f"{path}: the manifest is damaged ({error})") from error
+
+
+def iter_manifest_lines(dest: Path) -> Iterator[tuple[int, str]]:
+    """The entry lines of `dest/manifest.jsonl` as written (numbered from 2), after checking its header.
+
+    SnapshotError if it is missing or not a manifest; `parse_line` reads one.
+    """
+    path = dest / MANIFEST
+    try:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                header = json.loads(handle.readline() or "null")
+            except ValueError as error:
+                raise SnapshotError(f"{path}: the manifest is damaged ({error})") from error
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise SnapshotError(f"{path}: not a {FORMAT} manifest")
+            yield from enumerate(handle, start=2)
+    except FileNotFoundError:
+        raise SnapshotError(f"{dest}: the snapshot has no manifest") from None
+
+
+def parse_line(dest: Path, number: int, line: str) -> dict[str, Any]:
+    """One entry line of the manifest of `dest`; SnapshotError naming the line if it is damaged."""
+    try:
+        entry = json.loads(line)
+        entry["root"], entry["path"], entry["type"]  # every entry has them
+    except (ValueError, KeyError, TypeError) as error:
+        raise SnapshotError(f"{dest / MANIFEST}: line {number} is damaged ({error})") from error
+    return dict(entry)
+
+
+def file_line_fields(info: os.stat_result) -> str:
+    """What a file's manifest line holds after its path, as this version writes it, up to its mtime."""
+    return (
+        f',"type":"file","size":{info.st_size},"mode":"{mode_text(info)}","uid":{info.st_uid},'
+        f'"gid":{info.st_gid},"mtime_ns":{info.st_mtime_ns},'
+    )
 
 
 def read_manifest(dest: Path) -> Manifest:
@@ -213,6 +250,8 @@ class Previous:
     names: dict[str, str]  # source -> its folder name under data/ in the previous snapshot
     dumps: dict[str, int]
     racy_from: int = 0
+    bytes: int = 0  # what its data paths held
+    _bases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, previous: Path | None) -> Previous:
@@ -232,7 +271,7 @@ class Previous:
             raise SnapshotError(f"{previous / MANIFEST}: changed since the snapshot was taken")
         header = next(iter_manifest(previous))
         names = {root["source"]: root["name"] for root in header["roots"]}
-        return cls(info.run, previous, names, dict(info.dumps), racy_from_ns(header))
+        return cls(info.run, previous, names, dict(info.dumps), racy_from_ns(header), info.bytes)
 
     def files(self, source: str) -> PreviousFiles:
         """A reader of the previous files of the data path `source` (close it when done)."""
@@ -243,5 +282,7 @@ class Previous:
 
     def copy_of(self, source: str, rel: str) -> str:
         """Where the previous snapshot holds its copy of `rel` under the data path `source`."""
-        base = os.path.join(self.path or "", DATA, self.names[source])
+        base = self._bases.get(source)
+        if base is None:
+            base = self._bases[source] = os.path.join(self.path or "", DATA, self.names[source])
         return base if rel == "." else f"{base}/{rel}"

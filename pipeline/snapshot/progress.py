@@ -20,19 +20,31 @@ def no_progress(done: int, expected: int) -> None:
 
 
 class Throttle:
-    """Calls `progress` at most every 1 % or half second."""
+    """Calls `progress` at most every 1 % or half second.
 
-    def __init__(self, progress: Progress, expected: int, now: Callable[[], float] = time.monotonic) -> None:
+    `below_end`: `expected` is a guess (the previous snapshot's size), so the count
+    stays below it until `finish` says the work is done.
+    """
+
+    def __init__(
+        self, progress: Progress, expected: int, now: Callable[[], float] = time.monotonic, *, below_end: bool = False
+    ) -> None:
         self.progress = progress
         self.expected = max(1, expected)
         self.now = now
         self.done = 0
         self._last_done = -1
         self._last_at = 0.0
+        self._top = self.expected - max(1, self.expected // 100) if below_end else self.expected
 
     def add(self, count: int, *, force: bool = False) -> None:
         self.done += count
         at = self.now()
         if force or self.done - self._last_done >= self.expected / 100 or at - self._last_at >= 0.5:
             self._last_done, self._last_at = self.done, at
-            self.progress(min(self.done, self.expected), self.expected)
+            self.progress(min(self.done, self._top), self.expected)
+
+    def finish(self) -> None:
+        """The work is done: report the whole of `expected`."""
+        self._top = self.expected
+        self.add(max(0, self.expected - self.done), force=True)

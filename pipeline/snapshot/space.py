@@ -39,40 +39,87 @@ def manifest_line_bytes(root: str, rel: str) -> int:
     return 256 + (name if root.isascii() and rel.isascii() else 12 * name)
 
 
+class Tally:
+    """What a snapshot holds and needs, counted entry by entry along the walk (the estimate, or the guard)."""
+
+    def __init__(self, dump_bytes: int) -> None:
+        self.dump_bytes = dump_bytes
+        self.files = self.dirs = self.bytes = self.new_files = self.new_bytes = 0
+        self.need = dump_bytes + BLOCK * 8  # dumps (their size last time), the snapshot's own files
+
+    def entry(self, root: str, rel: str, kind: str, size: int = 0, *, new: bool = False) -> None:
+        """One entry of the walk: a `dir`, a `file` (`new`: to be written), a second `name` of a file, ..."""
+        self.need += manifest_line_bytes(root, rel)
+        if kind == "dir":
+            self.dirs += 1
+            self.need += BLOCK
+        elif kind == "name":
+            self.files += 1
+        elif kind == "file":
+            self.files += 1
+            self.bytes += size
+            if new:
+                self.new_files += 1
+                self.new_bytes += size
+                self.need += blocks(size)
+
+    @property
+    def inodes(self) -> int:
+        return self.new_files + self.dirs + 16
+
+    def over(self, free: Space) -> bool:
+        return self.need > free.free_bytes or self.inodes > free.free_inodes
+
+    def estimate(self) -> Estimate:
+        return Estimate(self.files, self.dirs, self.bytes, self.new_files, self.new_bytes, self.need, self.inodes)
+
+
+def refusal(estimate: Estimate, free: Space, backups: Path) -> NoSpace | None:
+    """NoSpace naming the backups folder and what is missing, if `estimate` does not fit in `free`."""
+    if estimate.need_bytes > free.free_bytes:
+        missing = estimate.need_bytes - free.free_bytes
+        return NoSpace(
+            f"not enough space for the backup in {backups}: {format_bytes(estimate.need_bytes)} needed "
+            f"({estimate.new_files:,} files to copy), {format_bytes(free.free_bytes)} free, "
+            f"{missing:,} bytes missing",
+            path=backups,
+            missing=missing,
+        )
+    if estimate.need_inodes > free.free_inodes:
+        return NoSpace(
+            f"not enough inodes for the backup in {backups}: {estimate.need_inodes:,} needed, "
+            f"{free.free_inodes:,} free",
+            path=backups,
+            missing=0,
+        )
+    return None
+
+
 def estimate_with(sources: Sequence[Path], previous: Previous, dump_bytes: int) -> Estimate:
     """Walk `sources` as the snapshot will, counting what it will hold and what must be written.
 
     A racy file (`Match.racy`) counts as shared: it can only differ from its previous
     copy if it was written again within the same tick of the filesystem's clock.
     """
-    files = dirs = total = new_files = new_bytes = need = 0
+    tally = Tally(dump_bytes)
     for root, source in zip(root_names(sources), sources, strict=True):
         inodes: set[tuple[int, int]] = set()
         known = previous.files(str(source))
         try:
             for rel, info in walk_tree(source):
                 kind = kind_of(info)
-                need += manifest_line_bytes(root, rel)
                 if kind == "file" and info.st_nlink > 1:
                     if (info.st_dev, info.st_ino) in inodes:
-                        files += 1
+                        tally.entry(root, rel, "name")
                         continue
                     inodes.add((info.st_dev, info.st_ino))
-                if kind == "dir":
-                    dirs += 1
-                    need += BLOCK
-                elif kind == "file":
-                    files += 1
-                    total += info.st_size
-                    match = known.match(rel, info)
-                    if match is None:
-                        new_files += 1
-                        new_bytes += info.st_size
-                        need += blocks(info.st_size)
+                if kind == "file":
+                    tally.entry(root, rel, kind, info.st_size, new=known.match(rel, info) is None)
+                else:
+                    tally.entry(root, rel, kind or "other")
         finally:
             known.close()
-    need += dump_bytes + BLOCK * 8
-    return Estimate(files, dirs, total, new_files, new_bytes, need, new_files + dirs + 16)
+    return tally.estimate()
 
 
 def estimate_snapshot(sources: Sequence[Path], previous: Path | None = None, *, dump_bytes: int = 0) -> Estimate:

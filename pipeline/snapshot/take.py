@@ -24,13 +24,12 @@ from pipeline.snapshot.layout import (
     FORMAT,
     MANIFEST,
     SUMMARY,
-    format_bytes,
     partial_dir,
     root_names,
 )
 from pipeline.snapshot.manifest import Match, Previous, encode_entry
 from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
-from pipeline.snapshot.space import Space, disk_error, estimate_with, probe_space
+from pipeline.snapshot.space import Space, Tally, disk_error, estimate_with, probe_space, refusal
 from pipeline.snapshot.tree import (
     apply_meta,
     can_chown,
@@ -65,8 +64,10 @@ def take_snapshot(
 ) -> SnapshotInfo:
     """Snapshot every path of `sources` (and each dump) into `dest`, verified, sharing unchanged files.
 
-    Checks first that the space is there (NoSpace naming the folder and the missing
-    bytes, before anything is written); builds the snapshot in a partial folder that
+    Makes sure the space is there (NoSpace naming the folder and the missing bytes):
+    a first snapshot walks the data before writing anything; a later one counts as
+    it goes and stops writing before it would need more than was free when it
+    began, then walks on to tell the whole need. Builds the snapshot in a partial folder that
     any failure removes (a full disk raises NoSpace naming the file being copied;
     `write` is the one call that writes file content, for tests without a small filesystem);
     checks every entry against the manifest (type, size, mode, mtime, links; the hashes
@@ -85,29 +86,23 @@ def take_snapshot(
         prev = Previous.load(None)
     created = now()
     dump_hint = sum(prev.dumps.values())
-    estimate = estimate_with(sources, prev, dump_hint)
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = space(dest.parent)
-    if estimate.need_bytes > free.free_bytes:
-        missing = estimate.need_bytes - free.free_bytes
-        raise NoSpace(
-            f"not enough space for the backup in {dest.parent}: {format_bytes(estimate.need_bytes)} needed "
-            f"({estimate.new_files:,} files to copy), {format_bytes(free.free_bytes)} free, "
-            f"{missing:,} bytes missing",
-            path=dest.parent,
-            missing=missing,
-        )
-    if estimate.need_inodes > free.free_inodes:
-        raise NoSpace(
-            f"not enough inodes for the backup in {dest.parent}: {estimate.need_inodes:,} needed, "
-            f"{free.free_inodes:,} free",
-            path=dest.parent,
-            missing=0,
-        )
+    if prev.run is None:
+        # A full copy: walk first to know the space needed and the bytes to come (the walk costs little
+        # beside the copy). Later snapshots skip this walk: the fill keeps within `free` as it goes.
+        estimate = estimate_with(sources, prev, dump_hint)
+        refused = refusal(estimate, free, dest.parent)
+        if refused is not None:
+            raise refused
+        throttle = Throttle(progress, estimate.bytes + dump_hint)
+        guard = None
+    else:
+        throttle = Throttle(progress, prev.bytes + dump_hint, below_end=True)
+        guard = free
     partial = partial_dir(dest)
     if partial.exists():
         shutil.rmtree(partial)  # left by a run that died; never trusted
-    throttle = Throttle(progress, estimate.bytes + dump_hint)
     backups = dest.parent
 
     def full(error: OSError, doing: str, path: Path, this_file: int) -> SnapshotError:
@@ -132,6 +127,8 @@ def take_snapshot(
             reflink=reflink,
             space=space,
             write=write,
+            guard=guard,
+            dump_hint=dump_hint,
         )
         _check_verified(partial, verify_snapshot(partial, hashes=False, checkpoint=checkpoint))
         summary["verified_at"] = now()
@@ -153,7 +150,7 @@ def take_snapshot(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    throttle.add(max(0, throttle.expected - throttle.done), force=True)  # complete, whatever vanished
+    throttle.finish()  # complete, whatever vanished
     return read_summary(dest)
 
 
@@ -249,8 +246,14 @@ def _fill(
     reflink: bool,
     space: Callable[[Path], Space],
     write: Callable[[int, memoryview], int],
+    guard: Space | None,
+    dump_hint: int,
 ) -> dict[str, Any]:
     """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary.
+
+    With a `guard` (the space free when the snapshot began, no estimate made), the need
+    is counted along the walk; once it exceeds the guard nothing more is written, the
+    walk goes on counting, and NoSpace says the whole need.
 
     The manifest lists each data path's entries in the order of the walk (the next
     snapshot reads it along its own walk); a file being copied holds its place.
@@ -274,6 +277,7 @@ def _fill(
         return disk_error(error, backups=backups, doing=what, path=path, still_to_write=left, space=space)
 
     manifest = _ManifestFile(partial / MANIFEST, translate)
+    tally, short = Tally(dump_hint), False  # with a guard: what the snapshot needs so far; over it: stop writing
 
     def settle(block: bool) -> None:
         nonlocal in_flight
@@ -337,43 +341,25 @@ def _fill(
                     kind = kind_of(info)
                     if kind is None:
                         continue
+                    second_name = kind == "file" and info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes
+                    match = None
+                    if kind == "file" and not second_name:
+                        if info.st_nlink > 1:
+                            inodes[(info.st_dev, info.st_ino)] = rel
+                        match = known.match(rel, info)
+                    if guard is not None:
+                        new = match is None or match.racy
+                        tally.entry(name, rel, "name" if second_name else kind, info.st_size, new=new)
+                        if short or tally.over(guard):
+                            if not short:
+                                short = True
+                                copier.stop.set()  # nothing more is written; copies in progress end early
+                            continue
                     src = source if rel == "." else f"{source}/{rel}"
                     dst = base if rel == "." else f"{base}/{rel}"
                     doing, where = f"creating {dst}", dst
-                    entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
-                    if kind == "dir":
-                        os.mkdir(dst, 0o700)
-                        entry.update(meta_fields(info))
-                        xattrs = read_xattrs(src)
-                        if xattrs:
-                            entry["xattrs"] = xattrs
-                        folders.append((dst, entry))
-                        counts["dirs"] += 1
-                        window.append(encode_entry(entry))
-                    elif kind == "symlink":
-                        try:
-                            target = os.readlink(src)
-                        except FileNotFoundError:
-                            counts["vanished_files"] += 1
-                            continue
-                        os.symlink(target, dst)
-                        entry.update(meta_fields(info), target=target)
-                        xattrs = read_xattrs(src)
-                        if xattrs:
-                            entry["xattrs"] = xattrs
-                        apply_meta(dst, entry, owner)
-                        window.append(encode_entry(entry))
-                    elif info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes:
-                        first = inodes[(info.st_dev, info.st_ino)]
-                        entry.update(target=first)
-                        entry["type"] = "hardlink"
-                        links.append((f"{base}/{first}", dst, entry))
+                    if kind == "file" and not second_name:
                         counts["files"] += 1
-                    else:
-                        if info.st_nlink > 1:
-                            inodes[(info.st_dev, info.st_ino)] = rel
-                        counts["files"] += 1
-                        match = known.match(rel, info)
                         if match is not None and not match.racy:
                             copy = prev.copy_of(source, rel)
                             if link_previous(copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
@@ -396,12 +382,40 @@ def _fill(
                             )
                         else:
                             task = pool.submit(copier.copy, src, dst, owner)
+                        entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
                         window.append(_InFlight(entry, src, task, match, info.st_size, renamed))
                         in_flight += 1
+                    elif kind == "dir":
+                        os.mkdir(dst, 0o700)
+                        entry = {"root": name, "path": rel, "type": kind, **meta_fields(info)}
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        folders.append((dst, entry))
+                        counts["dirs"] += 1
+                        window.append(encode_entry(entry))
+                    elif kind == "symlink":
+                        try:
+                            target = os.readlink(src)
+                        except FileNotFoundError:
+                            counts["vanished_files"] += 1
+                            continue
+                        os.symlink(target, dst)
+                        entry = {"root": name, "path": rel, "type": kind, **meta_fields(info), "target": target}
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        apply_meta(dst, entry, owner)
+                        window.append(encode_entry(entry))
+                    else:  # a second name of a file seen before
+                        first = inodes[(info.st_dev, info.st_ino)]
+                        entry = {"root": name, "path": rel, "type": "hardlink", "target": first}
+                        links.append((f"{base}/{first}", dst, entry))
+                        counts["files"] += 1
                     settle(block=False)
             finally:
                 known.close()
-            if links:
+            if links and not short:
                 settle(block=True)
                 for first_copy, dst, entry in links:
                     doing, where = f"creating {dst}", dst
@@ -412,6 +426,11 @@ def _fill(
                         counts["files"] -= 1
                         continue
                     window.append(encode_entry(entry))
+        if short:
+            assert guard is not None
+            refused = refusal(tally.estimate(), guard, backups)
+            assert refused is not None  # the guard trips exactly when the need no longer fits
+            raise refused
         settle(block=True)
         for dst, entry in reversed(folders):
             doing, where = f"setting the times of {dst}", dst

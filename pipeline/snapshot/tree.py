@@ -14,9 +14,15 @@ from typing import Any
 
 from pipeline.snapshot.layout import BUFFER
 
+_MODE_TEXT: dict[int, str] = {}
+
 
 def mode_text(info: os.stat_result) -> str:
-    return f"{stat.S_IMODE(info.st_mode):04o}"
+    """The permission bits as the manifest writes them: `0644`."""
+    text = _MODE_TEXT.get(info.st_mode)
+    if text is None:
+        text = _MODE_TEXT[info.st_mode] = f"{stat.S_IMODE(info.st_mode):04o}"
+    return text
 
 
 def walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:

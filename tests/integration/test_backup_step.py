@@ -412,3 +412,25 @@ def test_a_backup_disk_too_small_for_the_manifest_is_refused_before_writing(tmp_
             backup.run(ctx)
 
         assert os.listdir(mount / "backups") == []
+
+
+def test_a_later_backup_that_no_longer_fits_stops_before_the_disk_is_full(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs of 4 MiB: the first backup fits; then the data grows by 8 MiB. The second backup (which
+    counts its need as it walks) stops writing before it would fill the disk, and says the whole need."""
+    data = make_platform(tmp_path / "platform")
+    backups = small_fs / "backups"
+    first, _ = step_context(tmp_path, data, run_id=1, backups=backups)
+    backup.run(first)
+    (data[1] / "grown.dat").write_bytes(os.urandom(8 * 2**20))
+    second, _ = step_context(tmp_path, data, run_id=2, backups=backups)
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(second)
+
+    message = str(caught.value)
+    assert f"not enough space for the backup in {backups}: " in message
+    found = re.search(r", ([\d,]+) bytes missing", message)
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > 4 * 2**20
+    assert "filled while" not in message  # it never wrote until the disk was full
+    assert sorted(os.listdir(backups)) == ["1"]

@@ -303,3 +303,46 @@ def test_verification_names_extra_entries_wherever_they_are(live: Path, tmp_path
             base / "new" / "deeper" / "file",
         )
     )
+
+
+def test_a_later_snapshot_that_no_longer_fits_stops_writing_and_says_the_whole_need(
+    live: Path, tmp_path: Path
+) -> None:
+    """The free space comes from an injected probe: what the first snapshot needs, and no more."""
+    backups = tmp_path / "b"
+    first = take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)  # nothing racy
+    (live / "grown").mkdir()
+    for n in range(5):
+        (live / "grown" / f"{n}.bin").write_bytes(os.urandom(400_000))
+    free = snapshot.Space(free_bytes=1_000_000, free_inodes=10**6)
+
+    with pytest.raises(NoSpace) as caught:
+        take_snapshot([live], backups / "2", backups / "1", run_id=2, space=lambda path: free)
+
+    message = str(caught.value)
+    assert message.startswith(f"not enough space for the backup in {backups}: ")
+    assert caught.value.missing > 5 * 400_000 - free.free_bytes
+    assert f"{caught.value.missing:,} bytes missing" in message
+    assert "(5 files to copy)" in message  # counted to the end of the walk, though writing stopped early
+    assert sorted(os.listdir(backups)) == ["1"]
+    assert first.verified and verify_snapshot(backups / "1") == []
+
+
+def test_a_later_snapshot_reports_progress_below_the_end_until_it_is_done(live: Path, tmp_path: Path) -> None:
+    """Its expected size is the previous snapshot's; here the data doubled since."""
+    backups = tmp_path / "b"
+    take_snapshot([live], backups / "1", run_id=1)
+    (live / "grown").mkdir()
+    for n in range(20):
+        (live / "grown" / f"{n}.bin").write_bytes(os.urandom(600_000))
+    seen: list[tuple[int, int]] = []
+
+    info = take_snapshot(
+        [live], backups / "2", backups / "1", run_id=2, progress=lambda done, expected: seen.append((done, expected))
+    )
+
+    dones = [done for done, _ in seen]
+    assert dones == sorted(dones)
+    assert all(done < expected for done, expected in seen[:-1])
+    assert seen[-1][0] == seen[-1][1]
+    assert info.bytes > 1.5 * seen[-1][1]  # it grew well past the guess
