@@ -192,7 +192,8 @@ def main() -> int:
         print(f"data set: {len(paths):,} files, {total / 2**20:,.0f} MiB in {work} ({took:.0f}s to build)")
         cache = "cold" if args.cold else "warm"
         flush = "each tool then sync" if SYNC else "page cache only, no sync"
-        print(f"cpus {os.cpu_count()}, python {sys.version.split()[0]}, repeat {args.repeat}, cache {cache}, {flush}; {load()}")
+        print(f"cpus {os.cpu_count()}, python {sys.version.split()[0]}, repeat {args.repeat}, cache {cache}, {flush}")
+        print(load())
 
         results: dict[str, Measure] = {}
         snap1, cp_dst, tgz = work / "snapshots" / "1", work / "cp", work / "full.tgz"
