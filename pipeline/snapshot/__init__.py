@@ -7,14 +7,16 @@ A snapshot is a folder `<backups>/<run id>/`:
     data/<name>/...   a copy of each data path (`name` is the path's base name, made unique)
     dumps/<name>      the output of each dump command
 
-Manifest lines (`mode` is octal text, times are nanoseconds):
+Manifest lines (`mode` is octal text, times are nanoseconds), each data path's
+entries in the order of the walk (a folder's entries by name, subfolders depth
+first), written as compact JSON with the keys in this order:
 
     {"format": "dropgate-snapshot/1", "run": 7, "created": 1795..., "previous": 6,
      "roots": [{"name": "uploads", "source": "/srv/gts/uploads"}]}
     {"root": "uploads", "path": ".", "type": "dir", "mode": "0750", "uid": 990, "gid": 990, "mtime_ns": ...}
     {"root": "uploads", "path": "a/b.pdf", "type": "file", "size": 5120, "mode": "0640", "uid": 990,
-     "gid": 990, "mtime_ns": ..., "sha256": "...", "src_dev": ..., "src_ino": ..., "src_ctime_ns": ...}
-    {"root": "uploads", "path": "latest", "type": "symlink", "target": "a/b.pdf", ...}
+     "gid": 990, "mtime_ns": ..., "src_dev": ..., "src_ino": ..., "src_ctime_ns": ..., "sha256": "..."}
+    {"root": "uploads", "path": "latest", "type": "symlink", "mode": ..., "target": "a/b.pdf"}
     {"root": "uploads", "path": "a/c.pdf", "type": "hardlink", "target": "a/b.pdf"}
     {"root": "dumps", "path": "db.sql", "type": "dump", "size": ..., "sha256": "..."}
 
@@ -23,15 +25,13 @@ still that inode with that ctime, it has not changed since.
 
 Snapshots after the first share every unchanged file with the previous one by
 hard link (between snapshots only, never with the live data), so their cost
-follows what changed. A file is unchanged when its size, mtime, mode and owner
-are those recorded in the previous manifest *and* it is still the same inode
-with the same ctime (a write, chmod or utime always moves ctime), and the
-previous snapshot's copy still has the recorded size, mtime and mode. New files
-are cloned (FICLONE) where the filesystem can, else copied in the kernel
-(copy_file_range); the copy is then read once to hash it, so the manifest holds
-the hash of the bytes stored. A snapshot is built in `<backups>/.<run id>.partial/`
-and renamed into place only once it is complete, checked against its manifest
-and synced to disk; any failure removes the partial folder.
+follows what changed: the previous manifest is read along the walk, and an
+unchanged file costs a stat, a comparison of its line and a link. New files are
+hashed as they are copied (the manifest holds the hash of the bytes stored),
+cloned where the filesystem can. What is trusted without reading, and what is
+hashed when: docs/backups.md. A snapshot is built in
+`<backups>/.<run id>.partial/` and renamed into place only once it is complete,
+checked against its manifest and synced to disk; any failure removes it.
 
 Restoring copies out of the snapshot (never links to it): files whose inode and
 ctime are still those recorded were not touched since the snapshot and are
@@ -41,8 +41,8 @@ modes, owners and mtimes are set back.
 
 The package, by responsibility: `layout` (names), `tree` (walk, metadata, hashes),
 `manifest` (reading it; the previous snapshot's files), `catalog` (summaries,
-listing, pruning), `space` (estimates, a full disk), `copier` (one file),
-`take`, `verify`, `restore`.
+listing, pruning), `space` (estimates, a full disk), `progress` (reporting,
+stopping), `copier` (one file), `take`, `verify`, `restore`.
 """
 
 from __future__ import annotations

@@ -64,16 +64,18 @@ def take_snapshot(
 ) -> SnapshotInfo:
     """Snapshot every path of `sources` (and each dump) into `dest`, verified, sharing unchanged files.
 
-    Makes sure the space is there (NoSpace naming the folder and the missing bytes):
-    a first snapshot walks the data before writing anything; a later one counts as
-    it goes and stops writing before it would need more than was free when it
-    began, then walks on to tell the whole need. Builds the snapshot in a partial folder that
-    any failure removes (a full disk raises NoSpace naming the file being copied;
-    `write` is the one call that writes file content, for tests without a small filesystem);
-    checks every entry against the manifest (type, size, mode, mtime, links; the hashes
-    were computed from the copies themselves, shared files' when they were first
-    written); syncs it to disk; renames it into place. A previous snapshot whose
-    manifest cannot be read is not used: this one is then a full copy.
+    Makes sure the space is there (NoSpace naming the folder and the missing
+    bytes): a first snapshot walks the data before writing anything; a later one
+    counts its need as it goes, stops writing before it would need more than was
+    free when it began, and walks on to tell the whole need. Builds the snapshot
+    in a partial folder that any failure removes (a disk that fills meanwhile
+    raises NoSpace naming what was being written and the bytes; `write` is the
+    one call that writes file content, for tests without a small filesystem);
+    checks every entry against the manifest read back (type, size, mode, mtime,
+    links; the hashes were taken from the bytes as they were written, shared
+    files' when their bytes were first copied); syncs it to disk; renames it into
+    place. A previous snapshot that cannot be used is not: this one is then a
+    full copy. What is trusted without reading: docs/backups.md.
     """
     if dest.exists():
         raise SnapshotError(f"{dest} already exists; a snapshot is never overwritten")
