@@ -254,22 +254,27 @@ class Copier:
         """Read and write on this thread while the hasher hashes the buffers already written."""
         hasher = self._hasher()
         done = 0
+        held: bytearray | None = None  # a buffer taken from the hasher and not handed back yet
         try:
             while done < size:
-                buf = hasher.free.get()
-                view = memoryview(buf)
+                held = hasher.free.get()
+                view = memoryview(held)
                 n = os.readv(fi, [view[: min(BUFFER, size - done)]])
                 if not n:
-                    hasher.free.put(buf)
                     break  # it shrank
                 self._write_all(fo, view[:n])
-                hasher.hash(buf, n)
+                hasher.hash(held, n)
+                held = None
                 done += n
                 if done % _CHUNK < n:
                     self._check_stop()
         except BaseException:
+            if held is not None:
+                hasher.free.put(held)
             hasher.reset()
             raise
+        if held is not None:
+            hasher.free.put(held)
         return hasher.finish()
 
     def _write_all(self, fo: int, chunk: memoryview) -> None:
