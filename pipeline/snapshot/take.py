@@ -205,22 +205,49 @@ class _ManifestFile:
 
 
 @dataclass
-class _InFlight:
-    """A file being copied (or, racy, compared) on the pool: it holds its place among the manifest lines."""
+class _Copy:
+    """One file to copy (or, if racy, to compare first): its manifest entry so far and where it goes."""
 
     entry: dict[str, Any]
     src: str
-    future: Future[Copied | None]  # None: the previous copy was linked after all
+    dst: str
+    previous_copy: str | None  # racy: the previous copy, linked if the live bytes are those it holds
     match: Match | None
-    size: int = 0  # the size the walk saw
-    renamed: bool = False  # the data path had another folder name in the previous snapshot
+    size: int  # the size the walk saw
+    renamed: bool  # the data path had another folder name in the previous snapshot
 
 
-def _share_if_same(
-    copier: Copier, src: str, dst: str, *, previous_copy: str, match: Match, owner: bool
-) -> Copied | None:
+@dataclass
+class _InFlight:
+    """Files copied together on the pool (one large file, or small ones of a folder): they hold their
+    place among the manifest lines. Not submitted while it may still grow."""
+
+    files: list[_Copy]
+    bytes: int
+    future: Future[list[Copied | OSError | None]] | None = None
+
+
+_BATCH_FILES, _BATCH_BYTES = 64, 4 << 20  # small files copied by one task (the pool's cost is per task)
+
+
+def _copy_files(copier: Copier, files: Sequence[_Copy], owner: bool) -> list[Copied | OSError | None]:
+    """Copy each file (or link it, if racy and unchanged); per file the copy, None (linked) or its error."""
+    results: list[Copied | OSError | None] = []
+    for item in files:
+        try:
+            if item.match is not None:
+                results.append(_share_if_same(copier, item, owner))
+            else:
+                results.append(copier.copy(item.src, item.dst, owner))
+        except OSError as error:
+            results.append(error)
+    return results
+
+
+def _share_if_same(copier: Copier, item: _Copy, owner: bool) -> Copied | None:
     """A racy file: link the previous copy if the live bytes still hash to what it holds, else copy."""
-    entry = match.entry
+    assert item.match is not None and item.previous_copy is not None
+    src, dst, entry, previous_copy = item.src, item.dst, item.match.entry, item.previous_copy
     same = file_sha256(src) == entry.get("sha256")
     info = os.lstat(src)
     unchanged = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino) == (
@@ -281,6 +308,9 @@ def _fill(
     manifest = _ManifestFile(partial / MANIFEST, translate)
     tally, short = Tally(dump_hint), False  # with a guard: what the snapshot needs so far; over it: stop writing
 
+    def submit(batch: _InFlight) -> None:
+        batch.future = pool.submit(_copy_files, copier, batch.files, owner)
+
     def settle(block: bool) -> None:
         nonlocal in_flight
         while window:
@@ -288,37 +318,46 @@ def _fill(
             if isinstance(head, str):
                 manifest.add(window.popleft())  # type: ignore[arg-type]
                 continue
+            if head.future is None:
+                submit(head)
+            assert head.future is not None
             if not (block or in_flight >= limit or len(window) >= most or head.future.done()):
                 return
             window.popleft()
             in_flight -= 1
-            try:
-                copied = head.future.result()
-            except FileNotFoundError as error:
-                if error.filename != head.src:
-                    raise translate(error, f"copying {head.src}", head.src, 0) from error
-                counts["vanished_files"] += 1  # removed by the platform since the walk saw it
-                counts["files"] -= 1
-                continue
-            except OSError as error:
-                raise translate(error, f"copying {head.src}", head.src, 0) from error
-            entry = head.entry
-            if copied is None:
-                assert head.match is not None
-                manifest.add(_shared_line(head.match, entry["root"], renamed=head.renamed))
-                counts["shared_files"] += 1
-                counts["bytes"] += head.size
-                throttle.add(head.size)
-                continue
-            entry.update(file_fields(copied.info), size=copied.size, sha256=copied.sha256)
-            if copied.xattrs:
-                entry["xattrs"] = copied.xattrs
-            manifest.add(encode_entry(entry))
-            counts["new_files"] += 1
-            counts["new_bytes"] += copied.size
-            counts["bytes"] += copied.size
-            counts["changing_files"] += not copied.settled
-            throttle.add(copied.size)
+            for item, copied in zip(head.files, head.future.result(), strict=True):
+                settle_one(item, copied)
+
+    def settle_one(item: _Copy, copied: Copied | OSError | None) -> None:
+        if isinstance(copied, FileNotFoundError) and copied.filename == item.src:
+            counts["vanished_files"] += 1  # removed by the platform since the walk saw it
+            counts["files"] -= 1
+            return
+        if isinstance(copied, OSError):
+            raise translate(copied, f"copying {item.src}", item.src, 0) from copied
+        entry = item.entry
+        if copied is None:
+            assert item.match is not None
+            manifest.add(_shared_line(item.match, entry["root"], renamed=item.renamed))
+            counts["shared_files"] += 1
+            counts["bytes"] += item.size
+            throttle.add(item.size)
+            return
+        entry.update(file_fields(copied.info), size=copied.size, sha256=copied.sha256)
+        if copied.xattrs:
+            entry["xattrs"] = copied.xattrs
+        manifest.add(encode_entry(entry))
+        counts["new_files"] += 1
+        counts["new_bytes"] += copied.size
+        counts["bytes"] += copied.size
+        counts["changing_files"] += not copied.settled
+        throttle.add(copied.size)
+
+    def push(line: str) -> None:
+        """A manifest line after those of the files already on their way (an open batch closes)."""
+        if window and isinstance(window[-1], _InFlight) and window[-1].future is None:
+            submit(window[-1])
+        window.append(line)
 
     try:
         header = {
@@ -365,37 +404,47 @@ def _fill(
                         if match is not None and not match.racy:
                             copy = prev.copy_of(source, rel)
                             if link_previous(copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
-                                window.append(_shared_line(match, name, renamed=renamed))
+                                push(_shared_line(match, name, renamed=renamed))
                                 counts["shared_files"] += 1
                                 counts["bytes"] += info.st_size
                                 throttle.add(info.st_size)
                                 settle(block=False)
                                 continue
                             match = None
-                        if match is not None:
-                            task = pool.submit(
-                                _share_if_same,
-                                copier,
-                                src,
-                                dst,
-                                previous_copy=prev.copy_of(source, rel),
-                                match=match,
-                                owner=owner,
-                            )
+                        item = _Copy(
+                            {"root": name, "path": rel, "type": kind},
+                            src,
+                            dst,
+                            prev.copy_of(source, rel) if match is not None else None,
+                            match,
+                            info.st_size,
+                            renamed,
+                        )
+                        last = window[-1] if window else None
+                        if (
+                            isinstance(last, _InFlight)
+                            and last.future is None
+                            and match is None
+                            and info.st_size < _BATCH_BYTES
+                            and last.bytes + info.st_size <= _BATCH_BYTES
+                            and len(last.files) < _BATCH_FILES
+                        ):
+                            last.files.append(item)  # a small file joins the batch just before it
+                            last.bytes += info.st_size
                         else:
-                            task = pool.submit(copier.copy, src, dst, owner)
-                        entry: dict[str, Any] = {"root": name, "path": rel, "type": kind}
-                        window.append(_InFlight(entry, src, task, match, info.st_size, renamed))
-                        in_flight += 1
+                            if isinstance(last, _InFlight) and last.future is None:
+                                submit(last)
+                            window.append(_InFlight([item], info.st_size))
+                            in_flight += 1
                     elif kind == "dir":
                         os.mkdir(dst, 0o700)
-                        entry = {"root": name, "path": rel, "type": kind, **meta_fields(info)}
+                        entry: dict[str, Any] = {"root": name, "path": rel, "type": kind, **meta_fields(info)}
                         xattrs = read_xattrs(src)
                         if xattrs:
                             entry["xattrs"] = xattrs
                         folders.append((dst, entry))
                         counts["dirs"] += 1
-                        window.append(encode_entry(entry))
+                        push(encode_entry(entry))
                     elif kind == "symlink":
                         try:
                             target = os.readlink(src)
@@ -408,7 +457,7 @@ def _fill(
                         if xattrs:
                             entry["xattrs"] = xattrs
                         apply_meta(dst, entry, owner)
-                        window.append(encode_entry(entry))
+                        push(encode_entry(entry))
                     else:  # a second name of a file seen before
                         first = inodes[(info.st_dev, info.st_ino)]
                         entry = {"root": name, "path": rel, "type": "hardlink", "target": first}
@@ -427,7 +476,7 @@ def _fill(
                         counts["vanished_files"] += 1  # its first name was removed before it was copied
                         counts["files"] -= 1
                         continue
-                    window.append(encode_entry(entry))
+                    push(encode_entry(entry))
         if short:
             assert guard is not None
             refused = refusal(tally.estimate(), guard, backups)

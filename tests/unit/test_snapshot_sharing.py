@@ -346,3 +346,24 @@ def test_a_later_snapshot_reports_progress_below_the_end_until_it_is_done(live: 
     assert all(done < expected for done, expected in seen[:-1])
     assert seen[-1][0] == seen[-1][1]
     assert info.bytes > 1.5 * seen[-1][1]  # it grew well past the guess
+
+
+def test_each_data_path_shares_with_its_own_previous_copies(tmp_path: Path) -> None:
+    """Two data paths holding the same names, sizes, modes and mtimes with other bytes, all racy (just
+    written): each file must be compared with, and linked to, its own data path's previous copy."""
+    one, two = tmp_path / "x" / "data", tmp_path / "y" / "data"
+    for root in (one, two):
+        for n in range(100):
+            path = root / f"d{n % 3}" / f"f{n:03d}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(2000))
+            os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    backups = tmp_path / "b"
+    take_snapshot([one, two], backups / "1", run_id=1)
+
+    info = take_snapshot([one, two], backups / "2", backups / "1", run_id=2)
+
+    assert info.shared_files == 200
+    for name, live in (("data", one), ("data-2", two)):
+        assert tree_digest(backups / "2" / "data" / name, dir_times=False) == tree_digest(live, dir_times=False)
+    assert verify_snapshot(backups / "2") == []
