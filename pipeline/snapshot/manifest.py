@@ -97,11 +97,9 @@ def read_manifest(dest: Path) -> Manifest:
     return Manifest(header, list(lines))
 
 
-FILE_KEYS = ("size", "mode", "uid", "gid", "mtime_ns", "src_dev", "src_ino", "src_ctime_ns", "sha256", "xattrs")
-
 # A file whose ctime is this close to (or after) the start of the snapshot that copied it may have
 # been written again within the same tick of the filesystem's clock: its ctime would not show it.
-# Such a file is hashed and compared by the next snapshot, and rewritten by a restore.
+# Such a file is hashed and compared by the next snapshot and by a restore, never trusted on its stat.
 RACY_NS = 2_000_000_000
 
 
