@@ -225,7 +225,7 @@ def test_a_data_path_under_another_folder_name_is_still_shared(tmp_path: Path) -
 def test_large_files_are_hashed_while_copied_on_a_second_thread(tmp_path: Path) -> None:
     live = tmp_path / "data"
     live.mkdir()
-    sizes = {"exact.bin": 4 << 20, "odd.bin": (9 << 20) + 12345, "small.bin": 1000, "empty.bin": 0}
+    sizes = {"exact.bin": 64 << 20, "odd.bin": (65 << 20) + 12345, "small.bin": 1000, "empty.bin": 0}
     for name, size in sizes.items():
         (live / name).write_bytes(os.urandom(size))
 
@@ -243,10 +243,10 @@ def test_large_files_are_hashed_while_copied_on_a_second_thread(tmp_path: Path) 
 
 @pytest.mark.parametrize("failing_write", [1, 3, 9])
 def test_a_full_disk_in_the_middle_of_a_large_file_ends_the_hashing_thread(tmp_path: Path, failing_write: int) -> None:
-    """An injected ENOSPC on the n-th write of a 10 MiB file (the hashing thread holds buffers meanwhile)."""
+    """An injected ENOSPC on the n-th write of a 70 MiB file (the hashing thread holds buffers meanwhile)."""
     live = tmp_path / "data"
     live.mkdir()
-    (live / "big.bin").write_bytes(os.urandom(10 << 20))
+    (live / "big.bin").write_bytes(os.urandom(70 << 20))
     writes = []
 
     def write(fd: int, data: memoryview) -> int:
@@ -266,7 +266,7 @@ def test_a_large_file_growing_while_copied_keeps_the_bytes_copied_and_verifies(t
     live = tmp_path / "data"
     live.mkdir()
     log = live / "growing.log"
-    log.write_bytes(os.urandom(6 << 20))
+    log.write_bytes(os.urandom(66 << 20))
 
     def write(fd: int, data: memoryview) -> int:
         with open(log, "ab") as handle:
@@ -277,7 +277,7 @@ def test_a_large_file_growing_while_copied_keeps_the_bytes_copied_and_verifies(t
 
     copy = tmp_path / "b" / "1" / "data" / "data" / "growing.log"
     assert info.changing_files == 1
-    assert copy.stat().st_size >= 6 << 20
+    assert copy.stat().st_size >= 66 << 20
     assert log.read_bytes().startswith(copy.read_bytes())
     assert verify_snapshot(tmp_path / "b" / "1") == []
 
