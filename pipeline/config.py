@@ -199,6 +199,13 @@ class Backup(_Section):
     dumps: list[Dump] = []
 
 
+class Background(_Section):
+    """How staging and the backup (and its dumps) yield to the platform (pipeline/priority.py)."""
+
+    io_class: Literal["idle", "best-effort", "none"] = "idle"
+    nice: int = Field(default=10, ge=0, le=19)
+
+
 class Maintenance(_Section):
     flag_file: Path = Path("/run/dropgate/maintenance")
     retry_after: Duration = 900.0
@@ -342,6 +349,7 @@ class Config(_Section):
     limits: Limits = Limits()
     prereq: Prereq = Prereq()
     backup: Backup = Backup()
+    background: Background = Background()
     maintenance: Maintenance = Maintenance()
     verify: Verify = Verify()
     policy: Policy = Policy()

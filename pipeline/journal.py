@@ -3,6 +3,11 @@
 It is the single source of truth for status and history; the gate is derived
 from it, never stored beside it. The daemon opens it read-write; the read-only
 commands open it read-only and work while the daemon is down.
+
+Every change of a run's state is synced to disk before the call returns;
+events, step timings and progress are committed without waiting for the disk
+and synced with the next change of state (a SIGKILL loses none of them; a
+power cut at most the last lines of history).
 """
 
 from __future__ import annotations
@@ -273,6 +278,7 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         if os.path.exists(f"{path}-wal"):
             raise
     return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
+_PROGRESS = {"progress", "progress_message"}  # written often, and only for display
 
 
 class Journal:
@@ -310,15 +316,23 @@ class Journal:
             self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. Not `durable`: committed without waiting for the disk (history and progress
+        lines, which the next durable commit syncs with it; a SIGKILL loses neither)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -379,18 +393,18 @@ class Journal:
             if key in fields:
                 fields[key] = int(bool(fields[key]))
         assignments = ", ".join(f"{key} = ?" for key in fields)
-        with self._transaction() as db:
+        with self._transaction(durable=not set(fields) <= _PROGRESS) as db:
             db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))  # noqa: S608
 
     def add_event(self, run_id: int, step: str, message: str) -> None:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO events (run_id, ts, step, message) VALUES (?, ?, ?, ?)",
                 (run_id, self.now(), step, message),
             )
 
     def add_step_timing(self, run_id: int, step: str, started: float, finished: float, result: str) -> None:
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO step_timings (run_id, step, started, finished, result) VALUES (?, ?, ?, ?, ?)",
                 (run_id, step, started, finished, result),

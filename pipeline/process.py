@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import select
 import shutil
 import subprocess
 import threading
@@ -107,6 +108,45 @@ def _pump_progress(fd: int, on_progress: Progress, emit: LogLine, prefix: str) -
                 continue
             message = report.get("message")
             on_progress(min(1.0, max(0.0, ratio)), str(message) if message is not None else None)
+
+
+def _exit_waiter(proc: subprocess.Popen[bytes]) -> Callable[[float | None], bool]:
+    """A function waiting up to N seconds for `proc` to exit, returning the moment it does (True, reaped).
+
+    Linux 5.3+: the process's pidfd is polled, so the wait ends as the command ends
+    (Popen.wait with a timeout sleeps in steps of up to 50 ms). Called with None it
+    closes the pidfd. Elsewhere it falls back to Popen.wait.
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+
+        def fallback(seconds: float | None) -> bool:
+            if seconds is None:
+                return proc.returncode is not None
+            try:
+                proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+
+        return fallback
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+
+    def wait(seconds: float | None) -> bool:
+        nonlocal pidfd
+        if seconds is None:
+            if pidfd >= 0:
+                os.close(pidfd)
+                pidfd = -1
+            return proc.returncode is not None
+        if pidfd >= 0 and not poller.poll(seconds * 1000):
+            return False
+        proc.wait()
+        return True
+
+    return wait
 
 
 def kill_group(pgid: int, grace_seconds: float, proc: subprocess.Popen[bytes]) -> None:
@@ -259,13 +299,11 @@ def run_command(
         )
     for pump in pumps:
         pump.start()
+    exited = _exit_waiter(proc)
     try:
         while True:
-            try:
-                proc.wait(timeout=0.1)
+            if exited(0.1):
                 break
-            except subprocess.TimeoutExpired:
-                pass
             if cancel is not None and cancel.cancelled:
                 kill_group(proc.pid, grace_seconds, proc)
                 log(f"{prefix}killed (process group {proc.pid}): {cancel.reason}")
@@ -275,6 +313,7 @@ def run_command(
                 log(f"{prefix}killed (process group {proc.pid}) at the step's time limit")
                 raise StepTimeout(f"{label} was still running at the step's time limit and was killed")
     finally:
+        exited(None)  # releases what the waiter holds
         if proc.returncode is None:
             kill_group(proc.pid, 0.5, proc)
         if not starts_services:

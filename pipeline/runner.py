@@ -36,6 +36,7 @@ from pipeline.faults import site_fault
 from pipeline.inbox.order import start_order
 from pipeline.journal import OUTCOMES, Journal, Run
 from pipeline.observers import Observers
+from pipeline.priority import run_step
 from pipeline.process import CancelToken
 from pipeline.recovery import ADVICE, PRE_CHANGE_STEPS, rollback_blocker, settle_runs
 from pipeline.release import current_release
@@ -479,7 +480,7 @@ class Runner(threading.Thread):
         try:
             if step == CHANGE_STEPS[0]:
                 self._release_staged(ctx)
-            self.steps[step].run(ctx)
+            run_step(self.steps[step], ctx)  # a BACKGROUND step on its own lowered thread
         except StepFailed as failure:
             error = failure
         except Exception as unexpected:

@@ -1,5 +1,9 @@
 """Step `apply` (SPEC 5.5): pre-apply hook, migrations, switch `current`, restart, post-apply hook.
 
+In an update with downtime the services were stopped by `maintenance`: instead
+of `restart`, the `start` commands run after the switch (leaving maintenance
+then does not run them again), so the window holds stop, switch, start, check.
+
 Everything slow happened before: `validate` staged the release into
 `releases/<version>/` and `backup` took the snapshot while the platform was in
 service. What is left here is what truly needs the platform: the vendor's hooks
@@ -19,6 +23,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from pipeline.changes import services_stopped
 from pipeline.config import CommandSpec
 from pipeline.context import StepContext
 from pipeline.errors import CommandFailed, RollbackFailed, StepFailed, StepTimeout
@@ -75,7 +80,11 @@ def run(ctx: StepContext) -> None:
     pre = release_file(release, hooks["pre_apply"], "pre-apply hook") if hooks.get("pre_apply") else None
     post = release_file(release, hooks["post_apply"], "post-apply hook") if hooks.get("post_apply") else None
     migrations = [release_file(release, rel, "migration") for rel in manifest.get("migrations") or []]
-    restarts = config.platform.services.restart
+    # With downtime, maintenance stopped the services: they are started (as leaving maintenance would)
+    # right after the switch, so that verify checks them and leaving has only the flag left to remove.
+    stopped = services_stopped(facts) and bool(config.platform.services.start)
+    restarts = config.platform.services.start if stopped else config.platform.services.restart
+    verb = "start" if stopped else "restart"
     units = (pre is not None) + len(migrations) + 1 + len(restarts) + (post is not None)
     done = 0
 
@@ -114,10 +123,12 @@ def run(ctx: StepContext) -> None:
     advance("current switched")
 
     for index, command in enumerate(restarts, start=1):
-        ctx.run_command(command, what=f"restart {index}/{len(restarts)}", progress=False, starts_services=True)
-        advance(f"restarted {index} of {len(restarts)}")
+        ctx.run_command(command, what=f"{verb} {index}/{len(restarts)}", progress=False, starts_services=True)
+        advance(f"{verb}ed {index} of {len(restarts)}")
+    if stopped:
+        ctx.save_facts(services_started=ctx.now())
     if restarts:
-        ctx.event(f"services restarted ({len(restarts)} command{'s' if len(restarts) != 1 else ''})")
+        ctx.event(f"services {verb}ed ({len(restarts)} command{'s' if len(restarts) != 1 else ''})")
 
     if post is not None:
         ctx.event(f"post-apply hook {post.name}")

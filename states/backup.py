@@ -26,6 +26,7 @@ from pipeline.snapshot import (
     verify_snapshot,
 )
 
+BACKGROUND = True  # runs while the platform serves users: at `background` priority (pipeline/priority.py)
 DATA_SHARE = 0.9  # of the step's progress bar, when dumps follow the data copy
 
 
@@ -62,8 +63,8 @@ def run(ctx: StepContext) -> None:
         raise StepFailed(f"backup: {error} (the platform was not changed)") from error
     except SnapshotError as error:
         raise StepFailed(f"backup: {error}") from error
-    except OSError as error:
-        raise StepFailed(f"backup: {error.filename or dest}: {error.strerror or error}") from error
+    except OSError as error:  # never `dest`: it exists only once the snapshot is complete
+        raise StepFailed(f"backup: {error.filename or backups}: {error.strerror or error}") from error
     if previous is not None and info.previous is None:
         ctx.event(f"the snapshot of run {previous.run} could not be read to share files with: this one is a full copy")
     shared = f", {info.shared_files:,} shared with run {info.previous}" if info.previous is not None else ""

@@ -89,6 +89,7 @@ def enter(ctx: StepContext) -> None:
         ctx.event(f"maintenance on: {flag} written (Retry-After {retry_after}s)")
     else:
         ctx.update_run(maintenance=True)
+        ctx.save_facts(services_stopped=ctx.now())  # stopped again: services started before count no more
         ctx.event(f"maintenance already on since {_clock(since)} ({flag})")
     for index, command in enumerate(commands, start=1):
         ctx.save_facts(services_stop={"started": index, "done": index - 1, "total": len(commands)})
@@ -103,6 +104,9 @@ def enter(ctx: StepContext) -> None:
 def leave(ctx: StepContext) -> None:
     """Run `platform.services.start` (if stopping them had begun), then remove the flag; record the downtime.
 
+    The start commands are not run again when `apply` ran them after the switch
+    (fact `services_started`, later than the last stop).
+
     Idempotent, and a no-op when this run never entered maintenance (a flag
     set by someone else is left alone). If a start command fails, the flag
     stays and the run keeps saying maintenance is on.
@@ -113,6 +117,10 @@ def leave(ctx: StepContext) -> None:
     if since is None:
         return
     commands = config.platform.services.start if services_stopped(ctx.facts) else []
+    stopped = max(float(since), float(ctx.facts.get("services_stopped") or 0.0))
+    already = bool(commands) and float(ctx.facts.get("services_started") or 0.0) >= stopped
+    if already:
+        commands = []  # apply started them after the switch (and verify found them healthy): not again
     for index, command in enumerate(commands, start=1):
         ctx.run_command(command, what=f"start {index}/{len(commands)}", progress=False, starts_services=True)
     flag.unlink(missing_ok=True)
@@ -120,7 +128,7 @@ def leave(ctx: StepContext) -> None:
     total = float(ctx.facts.get("downtime_seconds") or 0.0) + window
     ctx.save_facts(maintenance_since=None, services_stop=None, downtime_seconds=round(total, 3))
     ctx.update_run(maintenance=False)
-    started = "services started, " if commands else ""
+    started = "services started, " if commands else "services started after the switch, " if already else ""
     ctx.event(f"maintenance off after {window:.1f}s: {started}{flag} removed")
 
 

@@ -31,6 +31,8 @@ from pipeline.release import (
 )
 from pipeline.versions import Version, upgrade_problem
 
+BACKGROUND = True  # runs while the platform serves users: at `background` priority (pipeline/priority.py)
+
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size} bytes"

@@ -351,3 +351,117 @@ def test_a_dumps_own_progress_fills_its_share_and_the_bar_never_goes_back(tmp_pa
     assert backup.DATA_SHARE + share in [pytest.approx(r) for r in ratios]
     assert max(r for r in ratios if r < 1.0) <= backup.DATA_SHARE + 2 * share + 1e-9
     assert (Path(ctx.facts["backup_dir"]) / "dumps" / "db").read_text() == "dump content\n"
+def many_empty_files(root: Path, count: int) -> list[Path]:
+    """A data path whose manifest is large while its files take no space: `count` empty files, long names."""
+    root.mkdir(parents=True)
+    for n in range(count):
+        (root / f"{n:05d}-{'x' * 200}").touch()
+    return [root]
+
+
+class FillingAt(StepContext):
+    """A step context whose checkpoint lets another writer take the backup disk's space once `when()` holds."""
+
+    when: Any = None
+    filler: Path | None = None
+
+    def checkpoint(self) -> None:
+        if self.filler is not None and not self.filler.exists() and self.when():
+            fill_filesystem(self.filler)
+        super().checkpoint()
+
+
+def filling(ctx: StepContext, filler: Path, when: Any) -> FillingAt:
+    wrapped = FillingAt(**{name: getattr(ctx, name) for name in ctx.__dataclass_fields__})
+    wrapped.filler, wrapped.when = filler, when
+    return wrapped
+
+
+def test_a_disk_filling_while_the_manifest_is_written_names_it_and_the_bytes(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs: 3,000 empty files (no data to copy, about 1.4 MB of manifest); another writer takes the
+    space as the walk begins, so the manifest is what cannot be written."""
+    data = many_empty_files(tmp_path / "platform" / "uploads", 3000)
+    backups = small_fs / "backups"
+    ctx, _ = step_context(tmp_path, data, backups=backups)
+    ctx = filling(ctx, small_fs / "other-writer", lambda: True)
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(ctx)
+
+    message = str(caught.value)
+    manifest = backups / ".1.partial" / "manifest.jsonl"
+    assert message.startswith(
+        f"backup: the backup disk ({backups}) filled while writing the snapshot's manifest {manifest}: "
+    )
+    found = re.search(
+        r"about ([\d,]+) more bytes were needed \(([\d.]+ [KM]iB) still to write, ([\d.]+ [KMG]?i?B) free\)", message
+    )
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > 0
+    assert "the platform was not changed" in message and "\n" not in message
+    assert str(backups / "1") + ":" not in message  # never the folder that was never made
+    assert os.listdir(backups) == []
+
+
+def test_a_disk_filling_before_the_summary_is_written_names_it_and_the_bytes(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs: the data and the manifest are written; another writer takes the space as the snapshot is
+    checked, so the summary (snapshot.json) is what cannot be written."""
+    data = make_platform(tmp_path / "platform")
+    backups = small_fs / "backups"
+    manifest = backups / ".1.partial" / "manifest.jsonl"
+    ctx, _ = step_context(tmp_path, data, backups=backups)
+
+    def manifest_written() -> bool:
+        return manifest.exists() and manifest.stat().st_size > 0
+
+    ctx = filling(ctx, small_fs / "other-writer", manifest_written)
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(ctx)
+
+    message = str(caught.value)
+    summary = backups / ".1.partial" / "snapshot.json"
+    assert f"the backup disk ({backups}) filled while writing the snapshot's summary {summary}: about " in message
+    found = re.search(r"about ([\d,]+) more bytes were needed \(([\d.]+ [KM]?i?B) still to write, 0 B free\)", message)
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > 100  # the summary's own size at least
+    assert os.listdir(backups) == []
+    assert "backup_dir" not in ctx.facts
+
+
+@pytest.mark.parametrize("size", ["256k", "1m"])
+def test_a_backup_disk_too_small_for_the_manifest_is_refused_before_writing(tmp_path: Path, size: str) -> None:
+    """Real tmpfs smaller than the manifest of 3,000 long names: the estimate counts manifest lines by
+    their length, so this is refused up front, naming the folder and the missing bytes."""
+    data = many_empty_files(tmp_path / "platform" / "uploads", 3000)
+    with small_tmpfs(tmp_path / "tiny", size) as mount:
+        ctx, _ = step_context(tmp_path, data, backups=mount / "backups")
+
+        with pytest.raises(
+            StepFailed, match=rf"not enough space for the backup in {mount / 'backups'}: .* bytes missing"
+        ):
+            backup.run(ctx)
+
+        assert os.listdir(mount / "backups") == []
+
+
+def test_a_later_backup_that_no_longer_fits_stops_before_the_disk_is_full(tmp_path: Path, small_fs: Path) -> None:
+    """Real tmpfs of 4 MiB: the first backup fits; then the data grows by 8 MiB. The second backup (which
+    counts its need as it walks) stops writing before it would fill the disk, and says the whole need."""
+    data = make_platform(tmp_path / "platform")
+    backups = small_fs / "backups"
+    first, _ = step_context(tmp_path, data, run_id=1, backups=backups)
+    backup.run(first)
+    (data[1] / "grown.dat").write_bytes(os.urandom(8 * 2**20))
+    second, _ = step_context(tmp_path, data, run_id=2, backups=backups)
+
+    with pytest.raises(StepFailed) as caught:
+        backup.run(second)
+
+    message = str(caught.value)
+    assert f"not enough space for the backup in {backups}: " in message
+    found = re.search(r", ([\d,]+) bytes missing", message)
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > 4 * 2**20
+    assert "filled while" not in message  # it never wrote until the disk was full
+    assert sorted(os.listdir(backups)) == ["1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -470,3 +471,111 @@ def test_pruning_never_removes_the_previous_release(site: Site) -> None:
     verify.run(site.context("verify"))
     assert current_release(site.root) == release_dir(site.root, "1.1.0").resolve()
     assert sorted(p.name for p in (site.root / "releases").iterdir()) == ["1.0.0", "1.1.0"]
+
+
+# -- the maintenance window holds stop, switch, start, check ----------------------
+
+
+def traced_services(site: Site, trace: Path) -> dict[str, list[Any]]:
+    """The sample platform's service commands, each first appending its name to `trace`."""
+    real = service_commands(site.root, site.app_port)
+    return {name: [["sh", "-c", f"echo {name} >> {trace}"], *commands] for name, commands in real.items()}
+
+
+def test_with_downtime_apply_starts_the_services_and_leaving_does_not_start_them_again(site: Site) -> None:
+    # Given a downtime update and service commands that say when they run
+    trace = site.tmp / "services"
+    site.overrides["platform"] = {"services": traced_services(site, trace)}
+    site.stage("1.1.0")
+
+    # When maintenance, apply and verify run
+    maintenance.run(site.context("maintenance"))
+    apply.run(site.context("apply"))
+    assert get(site.front).status_code == 503  # type: ignore[union-attr]  # still behind the page
+    assert site.answered_version() == "1.1.0"  # started right after the switch: verify can check it
+    verify.run(site.context("verify"))
+
+    # Then the services were stopped once and started once (no restart of a stopped platform, no second start)
+    assert trace.read_text().split() == ["stop", "start"]
+    assert "services started (2 commands)" in site.recorder.events
+    assert any(
+        e.startswith("maintenance off after") and "services started after the switch" in e for e in site.recorder.events
+    )
+    answer = get(site.front)
+    assert answer is not None and answer.status_code == 200 and "1.1.0" in answer.text
+    assert not site.flag.exists()
+
+
+def test_without_downtime_apply_restarts_and_nothing_is_stopped_or_started(site: Site) -> None:
+    trace = site.tmp / "services"
+    site.overrides["platform"] = {"services": traced_services(site, trace)}
+    site.stage("1.0.1")
+
+    apply.run(site.context("apply"))
+    verify.run(site.context("verify"))
+
+    assert trace.read_text().split() == ["restart"]
+    assert site.answered_version() == "1.0.1"
+    assert "services restarted (2 commands)" in site.recorder.events
+
+
+def test_services_stopped_again_after_apply_started_them_are_started_when_leaving(site: Site) -> None:
+    # Given apply started the services after the stop, then maintenance was entered again (they stop again)
+    trace = site.tmp / "services"
+    site.overrides["platform"] = {"services": traced_services(site, trace)}
+    site.stage("1.1.0")
+    maintenance.run(site.context("maintenance"))
+    apply.run(site.context("apply"))
+    maintenance.enter(site.context("rollback"))
+    assert get(site.health) is None
+
+    # When maintenance is left
+    maintenance.leave(site.context("rollback"))
+
+    # Then the start commands ran again: the platform is back
+    assert trace.read_text().split() == ["stop", "start", "stop", "start"]
+    assert site.answered_version() == "1.1.0"
+    assert not site.flag.exists()
+
+
+def test_with_no_start_commands_apply_still_restarts_after_a_stop(site: Site) -> None:
+    """A site that brings its platform back with `restart` alone keeps working."""
+    trace = site.tmp / "services"
+    services = traced_services(site, trace)
+    site.overrides["platform"] = {"services": {"stop": services["stop"], "start": [], "restart": services["restart"]}}
+    site.stage("1.1.0")
+
+    maintenance.run(site.context("maintenance"))
+    apply.run(site.context("apply"))
+    verify.run(site.context("verify"))
+
+    assert trace.read_text().split() == ["stop", "restart"]
+    assert site.answered_version() == "1.1.0"
+
+
+def test_a_check_failing_at_first_is_tried_again_soon_not_an_interval_later(site: Site) -> None:
+    """The platform answers only after the first failed check; the interval (120 s) is longer than
+    the step's time limit (60 s), so only a short retry lets verify pass."""
+    site.overrides["verify"] = {"interval_seconds": 120}
+    site.stage("1.0.1")
+    apply.run(site.context("apply"))
+    services = service_commands(site.root, site.app_port)
+    subprocess.run(services["stop"][0], check=True, capture_output=True)
+
+    def start_after_the_first_failure() -> None:
+        wait_for(
+            lambda: any("not healthy yet" in e for e in site.recorder.events),
+            what="the first check to fail",
+        )
+        subprocess.run(services["start"][0], check=True, capture_output=True)
+
+    helper = threading.Thread(target=start_after_the_first_failure)
+    helper.start()
+    try:
+        verify.run(site.context("verify", limit=60))
+    finally:
+        helper.join()
+
+    healthy = [e for e in site.recorder.events if e.startswith("healthy: 1 check passed")]
+    assert healthy and healthy[0] != "healthy: 1 check passed (attempt 1)"
+    assert site.answered_version() == "1.0.1"

@@ -189,3 +189,22 @@ def test_auto_update_and_window_keys_are_checked_with_their_key_path(
     with pytest.raises(ConfigError) as caught:
         parse_config(minimal(**section), base=tmp_path)
     assert any(p.startswith(problem) or problem in p for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("background", "problem"),
+    [
+        ({"nice": 20}, "background.nice: Input should be less than or equal to 19"),
+        ({"nice": -1}, "background.nice: Input should be greater than or equal to 0"),
+        ({"io_class": "realtime"}, "background.io_class: Input should be 'idle', 'best-effort' or 'none'"),
+        ({"ionice": "idle"}, "background.ionice: unknown key"),
+    ],
+)
+def test_background_priority_accepts_only_what_yields_to_the_platform(
+    tmp_path: Path, background: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal(background=background), base=tmp_path)
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+    defaults = parse_config(minimal(), base=tmp_path).background
+    assert (defaults.io_class, defaults.nice) == ("idle", 10)

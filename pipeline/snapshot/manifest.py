@@ -1,0 +1,286 @@
+"""The manifest: reading it, and the previous snapshot's files as the next snapshot consults them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from json.decoder import scanstring  # type: ignore[attr-defined]
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SnapshotError
+from pipeline.snapshot.catalog import read_summary
+from pipeline.snapshot.layout import DATA, FORMAT, MANIFEST, SUMMARY
+from pipeline.snapshot.tree import file_sha256, mode_text
+
+
+@dataclass
+class Manifest:
+    """A snapshot's manifest: the header and its entries."""
+
+    header: dict[str, Any]
+    entries: list[dict[str, Any]]
+
+    @property
+    def roots(self) -> list[dict[str, str]]:
+        return list(self.header.get("roots", []))
+
+
+def iter_manifest(dest: Path) -> Iterator[dict[str, Any]]:
+    """The header of `dest/manifest.jsonl`, then its entries one by one (a tree of any size in little memory).
+
+    SnapshotError if it is missing, not a manifest, or damaged.
+    """
+    path = dest / MANIFEST
+    try:
+        with open(path, encoding="utf-8") as handle:
+            header = json.loads(handle.readline() or "null")
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise SnapshotError(f"{path}: not a {FORMAT} manifest")
+            yield header
+            for number, line in enumerate(handle, start=2):
+                try:
+                    entry = json.loads(line)
+                    entry["root"], entry["path"], entry["type"]  # every entry has them
+                except (ValueError, KeyError, TypeError) as error:
+                    raise SnapshotError(f"{path}: line {number} is damaged ({error})") from error
+                yield entry
+    except FileNotFoundError:
+        raise SnapshotError(f"{dest}: the snapshot has no manifest") from None
+    except ValueError as error:
+        raise SnapshotError(f"{path}: the manifest is damaged ({error})") from error
+
+
+def iter_manifest_lines(dest: Path) -> Iterator[tuple[int, str]]:
+    """The entry lines of `dest/manifest.jsonl` as written (numbered from 2), after checking its header.
+
+    SnapshotError if it is missing or not a manifest; `parse_line` reads one.
+    """
+    path = dest / MANIFEST
+    try:
+        with open(path, encoding="utf-8") as handle:
+            try:
+                header = json.loads(handle.readline() or "null")
+            except ValueError as error:
+                raise SnapshotError(f"{path}: the manifest is damaged ({error})") from error
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise SnapshotError(f"{path}: not a {FORMAT} manifest")
+            yield from enumerate(handle, start=2)
+    except FileNotFoundError:
+        raise SnapshotError(f"{dest}: the snapshot has no manifest") from None
+
+
+def parse_line(dest: Path, number: int, line: str) -> dict[str, Any]:
+    """One entry line of the manifest of `dest`; SnapshotError naming the line if it is damaged."""
+    try:
+        entry = json.loads(line)
+        entry["root"], entry["path"], entry["type"]  # every entry has them
+    except (ValueError, KeyError, TypeError) as error:
+        raise SnapshotError(f"{dest / MANIFEST}: line {number} is damaged ({error})") from error
+    return dict(entry)
+
+
+def file_line_fields(info: os.stat_result) -> str:
+    """What a file's manifest line holds after its path, as this version writes it, up to its mtime."""
+    return (
+        f',"type":"file","size":{info.st_size},"mode":"{mode_text(info)}","uid":{info.st_uid},'
+        f'"gid":{info.st_gid},"mtime_ns":{info.st_mtime_ns},'
+    )
+
+
+def read_manifest(dest: Path) -> Manifest:
+    """Read all of `dest/manifest.jsonl`; SnapshotError if it is missing or not a manifest."""
+    lines = iter_manifest(dest)
+    header = next(lines)
+    return Manifest(header, list(lines))
+
+
+# A file whose ctime is this close to (or after) the start of the snapshot that copied it may have
+# been written again within the same tick of the filesystem's clock: its ctime would not show it.
+# Such a file is hashed and compared by the next snapshot and by a restore, never trusted on its stat.
+RACY_NS = 2_000_000_000
+
+
+def encode_entry(entry: dict[str, Any]) -> str:
+    """One manifest line (compact JSON, ASCII only, newline-terminated)."""
+    return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
+def walk_key(rel: str) -> tuple[str, str]:
+    """Where the entry `rel` comes in the walk (`tree.walk_tree`): its folder, then its name.
+
+    The walk lists each folder's entries by name and visits folders depth first in
+    name order, so the folder compares as its sequence of names: joined by NUL,
+    which sorts before any character a name can hold.
+    """
+    folder, _, name = rel.rpartition("/")
+    return folder.replace("/", "\0"), name
+
+
+def racy_from_ns(header: dict[str, Any]) -> int:
+    """Files whose recorded ctime is at or after this (nanoseconds) are not trusted unread (see RACY_NS)."""
+    return int(float(header["created"]) * 1e9) - RACY_NS
+
+
+class Match:
+    """A live file as the previous snapshot recorded it: unchanged, or `racy` (hash it to be sure)."""
+
+    __slots__ = ("_entry", "line", "racy")
+
+    def __init__(self, line: str, racy: bool, entry: dict[str, Any] | None = None) -> None:
+        self.line = line  # its manifest line, as written then
+        self.racy = racy
+        self._entry = entry
+
+    @property
+    def entry(self) -> dict[str, Any]:
+        """The recorded entry (parsed when first asked: most shared files never need it)."""
+        if self._entry is None:
+            self._entry = json.loads(self.line)
+        return self._entry
+
+
+_FILE_FIELDS = (
+    ',"type":"file","size":{size},"mode":"{mode}","uid":{uid},"gid":{gid},"mtime_ns":{mtime},'
+    '"src_dev":{dev},"src_ino":{ino},"src_ctime_ns":{ctime},"sha256":"'
+)
+
+
+class PreviousFiles:
+    """The previous snapshot's files of one data path, read along with the walk of the live data path.
+
+    The previous manifest lists the files of each data path in the order of the walk,
+    so both are read side by side, one line at a time: memory stays flat however
+    many files there are. A manifest whose lines are not in that order (one written
+    by an older version) only costs copies: an entry read past is never matched.
+    A line as this version writes it is compared as text (the fields a live file
+    must still have, in their order); any other line is parsed and compared field
+    by field.
+    """
+
+    def __init__(self, manifest: Path | None, name: str = "", racy_from: int = 0) -> None:
+        """Read the files of the root `name` from `manifest` (None: there is no previous snapshot)."""
+        self._handle = open(manifest, encoding="utf-8") if manifest is not None else None  # noqa: SIM115
+        if self._handle is not None:
+            self._handle.readline()  # the header
+        self._name = name
+        self._prefix = '{"root":' + json.dumps(name) + ',"path":"'  # how this writer begins each line of that root
+        self._racy_from = racy_from
+        self._head = self._next()
+
+    def _next(self) -> tuple[tuple[str, str], int, str] | None:
+        """The next file line of this root: its walk key, where its path ends (0: parse it whole), the line."""
+        if self._handle is None:
+            return None
+        prefix = self._prefix
+        for line in self._handle:
+            if '"type":"file"' not in line:
+                continue
+            try:
+                if line.startswith(prefix):
+                    path, end = scanstring(line, len(prefix))
+                    return walk_key(path), end, line
+                entry = json.loads(line)
+                if entry["root"] == self._name and entry["type"] == "file":
+                    return walk_key(entry["path"]), 0, line
+            except (ValueError, KeyError, TypeError):
+                break  # damaged from here on: nothing more is shared
+        return None
+
+    def match(self, rel: str, info: os.stat_result) -> Match | None:
+        """The previous record of the live file at `rel` if it has not changed since, else None.
+
+        Call in walk order. Unchanged: the same size, mtime, ctime, inode, device,
+        owner and permission bits as recorded (a write, truncate, chmod, chown,
+        extended attribute change or replacement always moves ctime or the inode).
+        """
+        key = walk_key(rel)
+        head = self._head
+        while head is not None and head[0] < key:
+            head = self._next()
+        self._head = head
+        if head is None or head[0] != key:
+            return None
+        _key, end, line = head
+        racy = info.st_ctime_ns >= self._racy_from
+        if end:
+            fields = _FILE_FIELDS.format(
+                size=info.st_size,
+                mode=mode_text(info),
+                uid=info.st_uid,
+                gid=info.st_gid,
+                mtime=info.st_mtime_ns,
+                dev=info.st_dev,
+                ino=info.st_ino,
+                ctime=info.st_ctime_ns,
+            )
+            if line.startswith(fields, end):
+                return Match(line, racy)
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return None
+        same = (
+            entry.get("size") == info.st_size
+            and entry.get("mtime_ns") == info.st_mtime_ns
+            and entry.get("src_ctime_ns") == info.st_ctime_ns
+            and entry.get("src_ino") == info.st_ino
+            and entry.get("src_dev") == info.st_dev
+            and entry.get("uid") == info.st_uid
+            and entry.get("gid") == info.st_gid
+            and entry.get("mode") == mode_text(info)
+        )
+        return Match(line, racy, entry) if same else None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+@dataclass
+class Previous:
+    """The previous snapshot, as the next one consults it: where its copies are and how to read its files."""
+
+    run: int | None
+    path: Path | None
+    names: dict[str, str]  # source -> its folder name under data/ in the previous snapshot
+    dumps: dict[str, int]
+    racy_from: int = 0
+    bytes: int = 0  # what its data paths held
+    _bases: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, previous: Path | None) -> Previous:
+        """The snapshot at `previous` (None: none). SnapshotError if it is incomplete or its manifest damaged.
+
+        The manifest must have the checksum its summary recorded, so that the lines
+        read along the walk are those written when the snapshot was taken.
+        """
+        if previous is None:
+            return cls(None, None, {}, {})
+        info = read_summary(previous)
+        try:
+            recorded = json.loads((previous / SUMMARY).read_text(encoding="utf-8")).get("manifest_sha256")
+        except (OSError, ValueError, AttributeError) as error:
+            raise SnapshotError(f"{previous / SUMMARY}: cannot be read ({error})") from error
+        if recorded != file_sha256(previous / MANIFEST):
+            raise SnapshotError(f"{previous / MANIFEST}: changed since the snapshot was taken")
+        header = next(iter_manifest(previous))
+        names = {root["source"]: root["name"] for root in header["roots"]}
+        return cls(info.run, previous, names, dict(info.dumps), racy_from_ns(header), info.bytes)
+
+    def files(self, source: str) -> PreviousFiles:
+        """A reader of the previous files of the data path `source` (close it when done)."""
+        name = self.names.get(source)
+        if self.path is None or name is None:
+            return PreviousFiles(None)
+        return PreviousFiles(self.path / MANIFEST, name, self.racy_from)
+
+    def copy_of(self, source: str, rel: str) -> str:
+        """Where the previous snapshot holds its copy of `rel` under the data path `source`."""
+        base = self._bases.get(source)
+        if base is None:
+            base = self._bases[source] = os.path.join(self.path or "", DATA, self.names[source])
+        return base if rel == "." else f"{base}/{rel}"

@@ -1,0 +1,555 @@
+"""Taking a snapshot: walk, share or copy, write the manifest, run the dumps, verify, sync, rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import NoSpace, SnapshotError
+from pipeline.snapshot.catalog import SnapshotInfo, read_summary, write_json_atomic
+from pipeline.snapshot.copier import Copied, Copier, link_previous
+from pipeline.snapshot.layout import (
+    BLOCK,
+    BUFFER,
+    DATA,
+    DUMPS,
+    FORMAT,
+    MANIFEST,
+    SUMMARY,
+    partial_dir,
+    root_names,
+)
+from pipeline.snapshot.manifest import Match, Previous, encode_entry
+from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
+from pipeline.snapshot.space import Space, Tally, disk_error, estimate_with, probe_space, refusal
+from pipeline.snapshot.tree import (
+    apply_meta,
+    can_chown,
+    file_fields,
+    file_sha256,
+    fsync_dir,
+    kind_of,
+    meta_fields,
+    mode_text,
+    read_xattrs,
+    sync_filesystem,
+    walk_tree,
+)
+from pipeline.snapshot.verify import verify_snapshot
+
+
+def take_snapshot(
+    sources: Sequence[Path],
+    dest: Path,
+    previous: Path | None = None,
+    *,
+    run_id: int,
+    dumps: Sequence[tuple[str, DumpWriter]] = (),
+    checkpoint: Checkpoint = no_checkpoint,
+    progress: Progress = no_progress,
+    space: Callable[[Path], Space] = probe_space,
+    workers: int | None = None,
+    reflink: bool = True,
+    durable: bool = True,
+    write: Callable[[int, memoryview], int] = os.write,
+    now: Callable[[], float] = time.time,
+) -> SnapshotInfo:
+    """Snapshot every path of `sources` (and each dump) into `dest`, verified, sharing unchanged files.
+
+    Makes sure the space is there (NoSpace naming the folder and the missing
+    bytes): a first snapshot walks the data before writing anything; a later one
+    counts its need as it goes, stops writing before it would need more than was
+    free when it began, and walks on to tell the whole need. Builds the snapshot
+    in a partial folder that any failure removes (a disk that fills meanwhile
+    raises NoSpace naming what was being written and the bytes; `write` is the
+    one call that writes file content, for tests without a small filesystem);
+    checks every entry against the manifest read back (type, size, mode, mtime,
+    links; the hashes were taken from the bytes as they were written, shared
+    files' when their bytes were first copied); syncs it to disk; renames it into
+    place. A previous snapshot that cannot be used is not: this one is then a
+    full copy. What is trusted without reading: docs/backups.md.
+    """
+    if dest.exists():
+        raise SnapshotError(f"{dest} already exists; a snapshot is never overwritten")
+    missing_sources = [str(source) for source in sources if not os.path.lexists(source)]
+    if missing_sources:
+        raise SnapshotError(f"data path {', '.join(missing_sources)} does not exist")
+    try:
+        prev = Previous.load(previous)
+    except (SnapshotError, KeyError, TypeError, ValueError):
+        prev = Previous.load(None)
+    created = now()
+    dump_hint = sum(prev.dumps.values())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    free = space(dest.parent)
+    if prev.run is None:
+        # A full copy: walk first to know the space needed and the bytes to come (the walk costs little
+        # beside the copy). Later snapshots skip this walk: the fill keeps within `free` as it goes.
+        estimate = estimate_with(sources, prev, dump_hint)
+        refused = refusal(estimate, free, dest.parent)
+        if refused is not None:
+            raise refused
+        throttle = Throttle(progress, estimate.bytes + dump_hint)
+        guard = None
+    else:
+        throttle = Throttle(progress, prev.bytes + dump_hint, below_end=True)
+        guard = free
+    partial = partial_dir(dest)
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a run that died; never trusted
+    backups = dest.parent
+
+    def full(error: OSError, doing: str, path: Path, this_file: int) -> SnapshotError:
+        left = max(0, throttle.expected - throttle.done) + this_file
+        return disk_error(error, backups=backups, doing=doing, path=path, still_to_write=left, space=space)
+
+    try:
+        partial.mkdir(mode=0o700)
+    except OSError as error:
+        raise full(error, f"creating {partial}", partial, BLOCK) from error
+    try:
+        summary = _fill(
+            sources,
+            partial=partial,
+            prev=prev,
+            run_id=run_id,
+            created=created,
+            dumps=dumps,
+            checkpoint=checkpoint,
+            throttle=throttle,
+            workers=workers,
+            reflink=reflink,
+            space=space,
+            write=write,
+            guard=guard,
+            dump_hint=dump_hint,
+        )
+        _check_verified(partial, verify_snapshot(partial, hashes=False, checkpoint=checkpoint))
+        summary["verified_at"] = now()
+        summary["verify_problems"] = []
+        summary["finished"] = now()
+        try:
+            write_json_atomic(partial / SUMMARY, summary)
+        except OSError as error:
+            size = len(json.dumps(summary, indent=1, sort_keys=True)) + 1
+            raise full(error, f"writing the snapshot's summary {partial / SUMMARY}", partial / SUMMARY, size) from error
+        if durable:
+            try:
+                sync_filesystem(partial)
+            except OSError as error:
+                raise full(error, f"syncing {partial} to disk", partial, 0) from error
+        checkpoint()
+        os.rename(partial, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    throttle.finish()  # complete, whatever vanished
+    return read_summary(dest)
+
+
+def _check_verified(dest: Path, problems: Sequence[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise SnapshotError(f"the snapshot {dest} failed verification: {problems[0]}{more}")
+
+
+class _ManifestFile:
+    """The manifest being written: lines in walk order, written out in large pieces, synced at the end."""
+
+    def __init__(self, path: Path, translate: Callable[[OSError, str, Path, int], SnapshotError]) -> None:
+        self.path = path
+        self._translate = translate
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._parts: list[str] = []
+        self._pending = 0
+
+    def add(self, line: str) -> None:
+        self._parts.append(line)
+        self._pending += len(line)
+        if self._pending >= BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        data = memoryview("".join(self._parts).encode("utf-8"))
+        self._parts, self._pending = [], 0
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as error:
+            raise self._translate(
+                error, f"writing the snapshot's manifest {self.path}", self.path, len(data)
+            ) from error
+
+    def close(self) -> None:
+        """Write what is left and sync it (the summary's checksum is taken from what is on disk)."""
+        self.flush()
+        try:
+            os.fsync(self._fd)
+        except OSError as error:
+            raise self._translate(error, f"writing the snapshot's manifest {self.path}", self.path, 0) from error
+        self.abandon()
+
+    def abandon(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass
+class _Copy:
+    """One file to copy (or, if racy, to compare first): its manifest entry so far and where it goes."""
+
+    entry: dict[str, Any]
+    src: str
+    dst: str
+    previous_copy: str | None  # racy: the previous copy, linked if the live bytes are those it holds
+    match: Match | None
+    size: int  # the size the walk saw
+    renamed: bool  # the data path had another folder name in the previous snapshot
+
+
+@dataclass
+class _InFlight:
+    """Files copied together on the pool (one large file, or small ones of a folder): they hold their
+    place among the manifest lines. Not submitted while it may still grow."""
+
+    files: list[_Copy]
+    bytes: int
+    future: Future[list[Copied | OSError | None]] | None = None
+
+
+_BATCH_FILES, _BATCH_BYTES = 64, 4 << 20  # small files copied by one task (the pool's cost is per task)
+
+
+def _copy_files(copier: Copier, files: Sequence[_Copy], owner: bool) -> list[Copied | OSError | None]:
+    """Copy each file (or link it, if racy and unchanged); per file the copy, None (linked) or its error."""
+    results: list[Copied | OSError | None] = []
+    for item in files:
+        try:
+            if item.match is not None:
+                results.append(_share_if_same(copier, item, owner))
+            else:
+                results.append(copier.copy(item.src, item.dst, owner))
+        except OSError as error:
+            results.append(error)
+    return results
+
+
+def _share_if_same(copier: Copier, item: _Copy, owner: bool) -> Copied | None:
+    """A racy file: link the previous copy if the live bytes still hash to what it holds, else copy."""
+    assert item.match is not None and item.previous_copy is not None
+    src, dst, entry, previous_copy = item.src, item.dst, item.match.entry, item.previous_copy
+    same = file_sha256(src) == entry.get("sha256")
+    info = os.lstat(src)
+    unchanged = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino) == (
+        entry.get("size"),
+        entry.get("mtime_ns"),
+        entry.get("src_ctime_ns"),
+        entry.get("src_ino"),
+    )
+    if same and unchanged and link_previous(previous_copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
+        return None
+    return copier.copy(src, dst, owner)
+
+
+def _fill(
+    sources: Sequence[Path],
+    *,
+    partial: Path,
+    prev: Previous,
+    run_id: int,
+    created: float,
+    dumps: Sequence[tuple[str, DumpWriter]],
+    checkpoint: Checkpoint,
+    throttle: Throttle,
+    workers: int | None,
+    reflink: bool,
+    space: Callable[[Path], Space],
+    write: Callable[[int, memoryview], int],
+    guard: Space | None,
+    dump_hint: int,
+) -> dict[str, Any]:
+    """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary.
+
+    With a `guard` (the space free when the snapshot began, no estimate made), the need
+    is counted along the walk; once it exceeds the guard nothing more is written, the
+    walk goes on counting, and NoSpace says the whole need.
+
+    The manifest lists each data path's entries in the order of the walk (the next
+    snapshot reads it along its own walk); a file being copied holds its place.
+    """
+    owner = can_chown()
+    names = root_names(sources)
+    copier = Copier(reflink, write)
+    counts = dict.fromkeys(
+        ("files", "dirs", "bytes", "new_files", "new_bytes", "shared_files", "changing_files", "vanished_files"), 0
+    )
+    folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
+    pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
+    window: deque[str | _InFlight] = deque()  # manifest lines in walk order, and copies holding their place
+    in_flight = 0
+    limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
+    backups = partial.parent
+    doing, where = "", ""
+
+    def translate(error: OSError, what: str, path: str | Path, this_file: int) -> SnapshotError:
+        left = max(0, throttle.expected - throttle.done) + this_file
+        return disk_error(error, backups=backups, doing=what, path=path, still_to_write=left, space=space)
+
+    manifest = _ManifestFile(partial / MANIFEST, translate)
+    tally, short = Tally(dump_hint), False  # with a guard: what the snapshot needs so far; over it: stop writing
+
+    def submit(batch: _InFlight) -> None:
+        batch.future = pool.submit(_copy_files, copier, batch.files, owner)
+
+    def settle(block: bool) -> None:
+        nonlocal in_flight
+        while window:
+            head = window[0]
+            if isinstance(head, str):
+                manifest.add(window.popleft())  # type: ignore[arg-type]
+                continue
+            if head.future is None:
+                submit(head)
+            assert head.future is not None
+            if not (block or in_flight >= limit or len(window) >= most or head.future.done()):
+                return
+            window.popleft()
+            in_flight -= 1
+            for item, copied in zip(head.files, head.future.result(), strict=True):
+                settle_one(item, copied)
+
+    def settle_one(item: _Copy, copied: Copied | OSError | None) -> None:
+        if isinstance(copied, FileNotFoundError) and copied.filename == item.src:
+            counts["vanished_files"] += 1  # removed by the platform since the walk saw it
+            counts["files"] -= 1
+            return
+        if isinstance(copied, OSError):
+            raise translate(copied, f"copying {item.src}", item.src, 0) from copied
+        entry = item.entry
+        if copied is None:
+            assert item.match is not None
+            manifest.add(_shared_line(item.match, entry["root"], renamed=item.renamed))
+            counts["shared_files"] += 1
+            counts["bytes"] += item.size
+            throttle.add(item.size)
+            return
+        entry.update(file_fields(copied.info), size=copied.size, sha256=copied.sha256)
+        if copied.xattrs:
+            entry["xattrs"] = copied.xattrs
+        manifest.add(encode_entry(entry))
+        counts["new_files"] += 1
+        counts["new_bytes"] += copied.size
+        counts["bytes"] += copied.size
+        counts["changing_files"] += not copied.settled
+        throttle.add(copied.size)
+
+    def push(line: str) -> None:
+        """A manifest line after those of the files already on their way (an open batch closes)."""
+        if window and isinstance(window[-1], _InFlight) and window[-1].future is None:
+            submit(window[-1])
+        window.append(line)
+
+    try:
+        header = {
+            "format": FORMAT,
+            "run": run_id,
+            "created": created,
+            "previous": prev.run,
+            "roots": [{"name": name, "source": str(src)} for name, src in zip(names, sources, strict=True)],
+        }
+        manifest.add(encode_entry(header))
+        doing, where = f"creating {partial / DATA}", str(partial / DATA)
+        (partial / DATA).mkdir()
+        for name, source_path in zip(names, sources, strict=True):
+            source, base = str(source_path), str(partial / DATA / name)
+            inodes: dict[tuple[int, int], str] = {}  # files with several names: the first name seen
+            links: list[tuple[str, str, dict[str, Any]]] = []  # made once every file of this path is in
+            known = prev.files(source)
+            renamed = prev.names.get(source, name) != name
+            try:
+                for rel, info in walk_tree(source_path):
+                    checkpoint()
+                    kind = kind_of(info)
+                    if kind is None:
+                        continue
+                    second_name = kind == "file" and info.st_nlink > 1 and (info.st_dev, info.st_ino) in inodes
+                    match = None
+                    if kind == "file" and not second_name:
+                        if info.st_nlink > 1:
+                            inodes[(info.st_dev, info.st_ino)] = rel
+                        match = known.match(rel, info)
+                    if guard is not None:
+                        new = match is None or match.racy
+                        tally.entry(name, rel, "name" if second_name else kind, info.st_size, new=new)
+                        if short or tally.over(guard):
+                            if not short:
+                                short = True
+                                copier.stop.set()  # nothing more is written; copies in progress end early
+                            continue
+                    src = source if rel == "." else f"{source}/{rel}"
+                    dst = base if rel == "." else f"{base}/{rel}"
+                    doing, where = f"creating {dst}", dst
+                    if kind == "file" and not second_name:
+                        counts["files"] += 1
+                        if match is not None and not match.racy:
+                            copy = prev.copy_of(source, rel)
+                            if link_previous(copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
+                                push(_shared_line(match, name, renamed=renamed))
+                                counts["shared_files"] += 1
+                                counts["bytes"] += info.st_size
+                                throttle.add(info.st_size)
+                                settle(block=False)
+                                continue
+                            match = None
+                        item = _Copy(
+                            {"root": name, "path": rel, "type": kind},
+                            src,
+                            dst,
+                            prev.copy_of(source, rel) if match is not None else None,
+                            match,
+                            info.st_size,
+                            renamed,
+                        )
+                        last = window[-1] if window else None
+                        if (
+                            isinstance(last, _InFlight)
+                            and last.future is None
+                            and match is None
+                            and info.st_size < _BATCH_BYTES
+                            and last.bytes + info.st_size <= _BATCH_BYTES
+                            and len(last.files) < _BATCH_FILES
+                        ):
+                            last.files.append(item)  # a small file joins the batch just before it
+                            last.bytes += info.st_size
+                        else:
+                            if isinstance(last, _InFlight) and last.future is None:
+                                submit(last)
+                            window.append(_InFlight([item], info.st_size))
+                            in_flight += 1
+                    elif kind == "dir":
+                        os.mkdir(dst, 0o700)
+                        entry: dict[str, Any] = {"root": name, "path": rel, "type": kind, **meta_fields(info)}
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        folders.append((dst, entry))
+                        counts["dirs"] += 1
+                        push(encode_entry(entry))
+                    elif kind == "symlink":
+                        try:
+                            target = os.readlink(src)
+                        except FileNotFoundError:
+                            counts["vanished_files"] += 1
+                            continue
+                        os.symlink(target, dst)
+                        entry = {"root": name, "path": rel, "type": kind, **meta_fields(info), "target": target}
+                        xattrs = read_xattrs(src)
+                        if xattrs:
+                            entry["xattrs"] = xattrs
+                        apply_meta(dst, entry, owner)
+                        push(encode_entry(entry))
+                    else:  # a second name of a file seen before
+                        first = inodes[(info.st_dev, info.st_ino)]
+                        entry = {"root": name, "path": rel, "type": "hardlink", "target": first}
+                        links.append((f"{base}/{first}", dst, entry))
+                        counts["files"] += 1
+                    settle(block=False)
+            finally:
+                known.close()
+            if links and not short:
+                settle(block=True)
+                for first_copy, dst, entry in links:
+                    doing, where = f"creating {dst}", dst
+                    try:
+                        os.link(first_copy, dst)
+                    except FileNotFoundError:
+                        counts["vanished_files"] += 1  # its first name was removed before it was copied
+                        counts["files"] -= 1
+                        continue
+                    push(encode_entry(entry))
+        if short:
+            assert guard is not None
+            refused = refusal(tally.estimate(), guard, backups)
+            assert refused is not None  # the guard trips exactly when the need no longer fits
+            raise refused
+        settle(block=True)
+        for dst, entry in reversed(folders):
+            doing, where = f"setting the times of {dst}", dst
+            apply_meta(dst, entry, owner)
+        dump_sizes = _run_dumps(
+            partial, dumps, manifest=manifest, checkpoint=checkpoint, throttle=throttle, space=space
+        )
+        manifest.close()
+    except OSError as error:
+        raise translate(error, doing, where, BLOCK) from error
+    finally:
+        copier.stop.set()  # nothing is left to copy on success; on failure, copies in progress end early
+        pool.shutdown(wait=True, cancel_futures=True)
+        copier.close()
+        manifest.abandon()  # after a failure (a full disk) the lines not written are lost with the partial folder
+    return {
+        "format": FORMAT,
+        "run": run_id,
+        "created": created,
+        "previous": prev.run,
+        "sources": [str(source) for source in sources],
+        **counts,
+        "cloned_files": copier.cloned,
+        "dumps": dump_sizes,
+        "manifest_sha256": file_sha256(manifest.path),
+    }
+
+
+def _shared_line(match: Match, root: str, *, renamed: bool) -> str:
+    """The manifest line of a shared file: the previous one as it was (re-encoded if the root was renamed)."""
+    if not renamed and match.line.endswith("\n"):
+        return match.line
+    return encode_entry({**match.entry, "root": root})
+
+
+def _run_dumps(
+    partial: Path,
+    dumps: Sequence[tuple[str, DumpWriter]],
+    *,
+    manifest: _ManifestFile,
+    checkpoint: Checkpoint,
+    throttle: Throttle,
+    space: Callable[[Path], Space],
+) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    if not dumps:
+        return sizes
+    folder = partial / DUMPS
+    folder.mkdir(mode=0o700)
+    for name, write in dumps:
+        checkpoint()
+        target = folder / name
+        try:
+            write(target)
+        except Exception as error:
+            written = target.stat().st_size if target.exists() else 0
+            if space(partial).free_bytes < BUFFER:
+                raise NoSpace(
+                    f"the backup disk filled while writing the dump {name} to {target} "
+                    f"({written:,} bytes written, {space(partial).free_bytes:,} free; its full size is unknown)",
+                    path=target,
+                    missing=0,
+                ) from error
+            raise
+        info = os.stat(target)
+        os.chmod(target, 0o600)
+        entry = {"root": DUMPS, "path": name, "type": "dump", "size": info.st_size, "sha256": file_sha256(target)}
+        manifest.add(encode_entry(entry))
+        sizes[name] = info.st_size
+        throttle.add(info.st_size)
+    return sizes
