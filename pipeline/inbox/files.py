@@ -77,6 +77,24 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def name_refusal(name: str) -> str | None:
+    """Why a file name cannot be an archive's, before anything is read: bytes that are not UTF-8.
+
+    The journal, the status page and the JSON output hold names as text; such a
+    name could not be recorded as it is, and never matches `<product>.<version>.tgz`.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{printable(name)}: the file name is not valid UTF-8; an archive is named <product>.<version>.tgz"
+    return None
+
+
+def recorded_name(name: str) -> str:
+    """`name` as the journal can hold it: itself, or escaped when it holds bytes that are not UTF-8."""
+    return name if name_refusal(name) is None else printable(name)
+
+
 def kind_of(mode: int) -> str:
     """What a stat mode says the entry is, as a sentence's object ("a named pipe (FIFO)")."""
     return _KINDS.get(stat_module.S_IFMT(mode), "an unknown kind of file")

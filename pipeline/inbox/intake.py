@@ -43,9 +43,11 @@ from pipeline.inbox.files import (
     drop_lease,
     is_written,
     kind_of,
+    name_refusal,
     open_entry,
     printable,
     read_head,
+    recorded_name,
     same_file,
     take_lease,
 )
@@ -182,7 +184,7 @@ class Intake:
         lease = take_lease(fd)
         if lease is Lease.WRITTEN:
             return False
-        refusal = refusal or self.size_refusal(name, info.st_size, announced)
+        refusal = refusal or name_refusal(name) or self.size_refusal(name, info.st_size, announced)
         try:
             # Under the lease no one can open the file for writing: make it dropgate's first,
             # then an uploader who tries afterwards is refused by its owner and mode.
@@ -263,6 +265,7 @@ class Intake:
             if not stat_module.S_ISREG(info.st_mode):
                 self._refuse(item, self._describe(item.name, info, folder_fd) + note)
                 return
+            reason = reason or name_refusal(item.name)
             if reason is not None:
                 self._refuse(item, reason)
                 return
@@ -491,7 +494,7 @@ class Intake:
         kept: list[str] = []
 
         def place(run_id: int) -> Path:
-            target = self.rejected / _evidence_name(run_id, item.name)
+            target = self.rejected / _evidence_name(run_id, recorded_name(item.name))
             try:
                 os.rename(source, target)
             except OSError as error:
@@ -504,7 +507,7 @@ class Intake:
         now = self.now()
         try:
             run_id = self.journal.add_run(
-                item.name,
+                recorded_name(item.name),
                 spool=self.spool,
                 arrived=item.arrival_ns / 1e9,
                 place=place,

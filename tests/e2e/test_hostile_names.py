@@ -9,6 +9,7 @@ escapes them, and the JSON output keeps them exact.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,59 @@ def test_backups_verify_escapes_the_names_of_damaged_files(site: Site) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert obeyed(result.stdout) == []
     assert "report\\x1b[2J\\x0d\\x0a.pdf" in result.stdout
+
+
+NOT_UTF8 = [
+    os.fsdecode(b"gts.1.0.1\xff.tgz"),  # a Latin-1 byte
+    os.fsdecode(b"\xc3(gts.1.0.2.tgz"),  # a broken two-byte sequence
+    os.fsdecode(b"gts.1.0.3.tgz\xed\xa0\x80"),  # an encoded surrogate
+]
+
+
+@pytest.mark.parametrize("valid_archive", [False, True], ids=["garbage", "signed-archive"])
+def test_a_name_that_is_not_utf8_is_refused_kept_and_blocks_nothing(site: Site, valid_archive: bool) -> None:
+    # Given files whose names hold bytes that are not UTF-8 (signed archives or garbage), and one good update after them
+    site.start_daemon()
+    content = site.pack("1.0.1").read_bytes() if valid_archive else b"not an update archive\n"
+    for name in NOT_UTF8:
+        site.drop(content, name=name)
+    wait_for(lambda: len(site.history()) == len(NOT_UTF8), what="a run for each badly named file")
+    site.drop(site.pack("1.0.1"))
+    wait_for(lambda: len(site.history()) == len(NOT_UTF8) + 1, what="a run for the good update")
+    # Then each is rejected, naming the problem, with its name escaped in the journal
+    runs = {run["id"]: site.wait_outcome(run["id"]) for run in site.history()}
+    refused = [run for run in runs.values() if run["outcome"] == "rejected"]
+    assert len(refused) == len(NOT_UTF8)
+    for run in refused:
+        assert "file name is not valid UTF-8" in run["error"], run
+    assert {run["archive"] for run in refused} == {
+        "gts.1.0.1\\xff.tgz", "\\xc3(gts.1.0.2.tgz", "gts.1.0.3.tgz\\xed\\xa0\\x80"
+    }
+    # and each file is kept aside with its bytes and its reason, never deleted
+    kept = sorted(path for path in (site.state / "rejected").iterdir() if not path.name.endswith(".reason"))
+    assert len(kept) == len(NOT_UTF8)
+    for path in kept:
+        assert path.read_bytes() == content
+        assert "not valid UTF-8" in Path(f"{path}.reason").read_text()
+    # and the good update behind them was taken and installed, and the text output escapes the names
+    good = max(runs)
+    assert runs[good]["outcome"] == "succeeded", runs[good]
+    history = cli_ok(site, "history")
+    assert obeyed(history) == [] and "gts.1.0.1\\xff.tgz" in history
+    json.loads(cli_ok(site, "status", "--json"))
+
+
+def test_a_badly_named_file_left_in_intake_by_a_crash_is_refused_at_restart(site: Site) -> None:
+    # Given a daemon killed while a file named with bytes that are not UTF-8 was being taken
+    site.start_daemon().stop()
+    token = site.state / "intake" / "1700000000000000000-1.0"
+    token.mkdir(parents=True)
+    (token / os.fsdecode(b"gts.1.0.1\xfe.tgz")).write_bytes(site.pack("1.0.1").read_bytes())
+    # When the daemon starts again
+    site.start_daemon()
+    # Then the file becomes a rejected run, and the daemon goes on working
+    wait_for(lambda: len(site.history()) == 1, what="the leftover file to become a run")
+    run = site.wait_outcome(1)
+    assert run["outcome"] == "rejected" and "not valid UTF-8" in run["error"]
+    site.drop(site.pack("1.0.1"))
+    assert site.wait_outcome(2)["outcome"] == "succeeded"
