@@ -58,10 +58,10 @@ def tree_digest(root: Path, *, dir_times: bool = True) -> str:
             path = Path(folder, name)
             info = path.lstat()
             rel = path.relative_to(root).as_posix()
-            digest.update(f"{rel}|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
+            digest.update(os.fsencode(rel) + f"|{stat.S_IFMT(info.st_mode)}|{stat.S_IMODE(info.st_mode):o}|".encode())
             digest.update(f"{info.st_uid}:{info.st_gid}|".encode())
             if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
+                digest.update(os.fsencode(os.readlink(path)))
             elif stat.S_ISREG(info.st_mode):
                 digest.update(f"{info.st_mtime_ns}|".encode() + hashlib.sha256(path.read_bytes()).digest())
             elif dir_times:

@@ -31,6 +31,11 @@ def populate(site: Site) -> Path:
     (data / "config" / "app.key").chmod(0o600)
     (data / "config").chmod(0o750)
     (data / "latest.pdf").symlink_to("uploads/2026/11/scan-07.pdf")
+    # names written by old tools in Latin-1: bytes that are not UTF-8, in a folder, a file and a link
+    latin = data / os.fsdecode(b"r\xe9sultats")
+    latin.mkdir()
+    (latin / os.fsdecode(b"compte-rendu-\xe9t\xe9.pdf")).write_bytes(os.urandom(2048))
+    (data / os.fsdecode(b"derni\xe8re.pdf")).symlink_to(os.fsdecode(b"r\xe9sultats/compte-rendu-\xe9t\xe9.pdf"))
     database = site.root / "db.sqlite"
     database.write_bytes(b"TABLE patients v1\n" * 1000)
     site.write_config(
@@ -88,7 +93,7 @@ def test_an_update_failing_in_apply_is_rolled_back_to_a_byte_identical_platform(
     assert database.read_bytes() == database_before
     assert not (site.root / "run" / "maintenance").exists()
     messages = [event["message"] for event in site.show(1)["events"]]
-    assert any(m.startswith("snapshot of 1 path: 43 files") and m.endswith("verified") for m in messages)
+    assert any(m.startswith("snapshot of 1 path: 44 files") and m.endswith("verified") for m in messages)
     assert any(m.startswith("data restored in ") for m in messages)
     assert any(m.startswith("dump db restored from ") for m in messages)
     # And the gate is blocked until an operator looks
@@ -251,7 +256,7 @@ def test_successive_updates_share_unchanged_files_and_pruning_keeps_the_last_suc
     listing = site.cli("backups", "--json")
     assert listing.returncode == 0, listing.stderr
     snapshots = json.loads(listing.stdout)
-    assert [(s["run"], s["verified"], s["shared_files"]) for s in snapshots] == [(3, True, 42), (2, True, 42)]
+    assert [(s["run"], s["verified"], s["shared_files"]) for s in snapshots] == [(3, True, 43), (2, True, 43)]
     assert site.metric("dropgate_backup_bytes") == snapshots[0]["bytes"]
 
 
