@@ -23,6 +23,8 @@
 #     and modes, and that file in /etc/tmpfiles.d so boot keeps them so
 #   - the systemd unit (not enabled: edit the config first)
 #   - the sshd drop-in, checked with `sshd -t` and removed again if it fails
+#   - /etc/pam.d/dropgate for the console's sign-in (Debian's common-* stacks,
+#     or RHEL's password-auth), only if there is none: a site's own is kept
 #
 # Every name and path is passed to commands as a separate argument, never
 # through a shell string (no eval, no sh -c).
@@ -39,6 +41,7 @@ CONFIG_DIR=/etc/dropgate
 CONFIG="$CONFIG_DIR/dropgate.yaml"
 UNIT=/etc/systemd/system/dropgate.service
 TMPFILES=/etc/tmpfiles.d/dropgate.conf
+PAM_DIR=/etc/pam.d
 SSHD_DROP_IN=/etc/ssh/sshd_config.d/dropgate-inbox.conf
 GROUPS_NEEDED=(dropgate-admin dropgate-upload)
 
@@ -227,6 +230,22 @@ else
 fi
 if [ "$unit_changed" = 1 ] && [ -d /run/systemd/system ]; then
     run systemctl daemon-reload
+fi
+
+# -- PAM (the console's sign-in) ------------------------------------------------------------
+# Never overwritten: a site may have tightened it (e.g. added pam_faillock).
+if [ -e "$PAM_DIR/dropgate" ]; then
+    say "$PAM_DIR/dropgate: exists, left as it is"
+elif [ -e "$PAM_DIR/common-auth" ]; then
+    install_file "$DEPLOY/pam/dropgate" "$PAM_DIR/dropgate" 0644 root root
+elif [ -e "$PAM_DIR/password-auth" ]; then  # RHEL: the stacks named in the file's own comment
+    pam_build=$(mktemp)
+    sed -e 's/^@include common-auth$/auth     include  password-auth/' \
+        -e 's/^@include common-account$/account  include  password-auth/' -- "$DEPLOY/pam/dropgate" > "$pam_build"
+    install_file "$pam_build" "$PAM_DIR/dropgate" 0644 root root
+    rm -f -- "$pam_build"
+else
+    say "$PAM_DIR has neither common-auth nor password-auth: write $PAM_DIR/dropgate by hand (see $DEPLOY/pam/dropgate)"
 fi
 
 # -- sshd -----------------------------------------------------------------------------------

@@ -496,7 +496,7 @@ INSTALL = DEPLOY / "install.sh"
 INSTALLED = [
     Path("/opt/dropgate"), Path("/usr/bin/dropgate"), Path("/etc/dropgate"), Path("/etc/tmpfiles.d/dropgate.conf"),
     Path("/etc/systemd/system/dropgate.service"), Path("/etc/ssh/sshd_config.d/dropgate-inbox.conf"),
-    Path("/var/lib/dropgate"), Path("/var/backups/dropgate"), Path("/etc/group"),
+    Path("/var/lib/dropgate"), Path("/var/backups/dropgate"), Path("/etc/group"), Path("/etc/pam.d/dropgate"),
 ]
 
 
@@ -571,6 +571,8 @@ stat -c '%n %a %U %G' /var/lib/dropgate /var/lib/dropgate/inbox /var/lib/dropgat
     /run/dropgate /etc/dropgate /etc/dropgate/dropgate.yaml > "$out/modes.txt"
 readlink /usr/bin/dropgate > "$out/link.txt"
 /usr/bin/dropgate --help > "$out/help.txt" 2>&1
+cp /etc/pam.d/dropgate "$out/pam.txt"
+stat -c '%a %U %G' /etc/pam.d/dropgate > "$out/pam-mode.txt"
 if command -v systemd-analyze > /dev/null; then
     systemd-analyze verify /etc/systemd/system/dropgate.service > "$out/verify.txt" 2>&1 ||
         echo "exit status $?" >> "$out/verify.txt"
@@ -612,6 +614,12 @@ def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_n
     ]
     assert (out / "link.txt").read_text().strip() == "/opt/dropgate/venv/bin/dropgate"
     assert "usage: dropgate" in (out / "help.txt").read_text()
+    # and the console's PAM service, the stacks of this host's family named in it
+    assert (out / "pam-mode.txt").read_text().split() == ["644", "root", "root"]
+    stacks = [line for line in (out / "pam.txt").read_text().splitlines() if line and not line.startswith("#")]
+    if Path("/etc/pam.d/common-auth").exists():
+        assert stacks == ["@include common-auth", "@include common-account"]
+    assert "/etc/pam.d/dropgate: exists, left as it is" in (out / "second.txt").read_text()
     if (out / "verify.txt").exists():  # the unit as shipped, with its real ExecStart now present
         assert (out / "verify.txt").read_text() == ""
     assert "dropgate is installed" in first
