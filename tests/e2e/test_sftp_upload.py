@@ -31,7 +31,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.archive_helpers import ArchiveSite
 from tests.conftest import ROOT, Site, cannot_run, free_port, require_tool, wait_for
+from tests.integration.test_strict_format import CASES, DAEMON_SAMPLE
+from tests.integration.test_strict_format import NAME as STRICT_NAME
 
 DROP_IN = ROOT / "deploy" / "sshd" / "dropgate-inbox.conf"
 PAYLOAD_BYTES = 3 * 2**20  # incompressible: the archive is as long, so half of it is a real partial upload
@@ -356,3 +359,31 @@ def test_links_made_over_a_relaxed_sftp_are_refused_or_copied_and_rewriting_a_se
     assert run["outcome"] == "succeeded", run
     assert run["sha256"] == sha256(archive)
     assert site.status()["installed_version"] == "1.0.1"
+
+
+def test_hostile_archives_signed_by_a_trusted_key_and_uploaded_with_sftp_are_refused_each_in_one_line(
+    sftp_site: Site, sshd: Sshd, tmp_path: Path
+) -> None:
+    site = sftp_site
+    # Given a running daemon that trusts a vendor key the attacker holds as well as its own
+    forger = ArchiveSite(tmp_path / "forger")
+    site.write_config(trust={"keys": [str(site.keypair()[1]), str(forger.public_key)]})
+    daemon = site.start_daemon()
+    # When the attacker uploads a signed sample of every class of malformed archive with sftp, one after another
+    for run_id, case in enumerate(DAEMON_SAMPLE, start=1):
+        archive = CASES[case].build(forger)
+        result = sshd.sftp(f"put {archive} {STRICT_NAME}")
+        assert result.returncode == 0, result.stderr + sshd.log()
+        run = site.wait_outcome(run_id, timeout=120)
+        # Then each is rejected with its own one-line reason, and kept aside with it
+        assert run["outcome"] == "rejected", (case, run)
+        assert CASES[case].expect in run["error"] and "\n" not in run["error"], (case, run["error"])
+        kept = site.state / "rejected" / f"{run_id}-{STRICT_NAME}"
+        assert kept.read_bytes() == archive.read_bytes(), case
+    # and nothing was installed or left behind, and a good upload after them installs
+    assert sorted(path.name for path in (site.platform / "releases").iterdir()) == ["1.0.0"]
+    good = signed_archive(site, "1.0.1")
+    assert sshd.sftp(f"put {good} {good.name}").returncode == 0
+    run = site.wait_outcome(len(DAEMON_SAMPLE) + 1, timeout=120)
+    assert run["outcome"] == "succeeded", run
+    assert "Traceback" not in daemon.output()
