@@ -43,6 +43,7 @@ MAX_FORM_BYTES = 64 * 1024  # a form of the console without a file
 STALL_SECONDS = 120.0  # an upload that sends nothing for this long is dropped
 NOTE_MAX = 2000
 REFUSAL_SECONDS = 3.0
+CONSENT = "release notes read, date agreed with IT"  # the two boxes of the review page
 STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 CONFIRM = {
     "reject": "Reject run {id}: it ends as rejected; the platform is not touched. The same archive is refused "
@@ -229,9 +230,11 @@ def build_app(console: Console) -> Starlette:
                 request,
                 session,
                 status=400,
-                error="Not approved: tick both boxes (release notes read, date agreed with IT) to approve.",
+                error=f"Not approved: tick both boxes ({CONSENT}) to approve.",
             )
-        ok, message = await console.dispatch(request, session, {"command": "approve", "id": run_id})
+        ok, message = await console.dispatch(
+            request, session, {"command": "approve", "id": run_id}, affirmed=CONSENT
+        )
         session.flash.append(("good" if ok else "bad", message))
         return console.redirect(request, f"/runs/{run_id}")
 

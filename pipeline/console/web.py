@@ -191,9 +191,14 @@ class Console:
         )
 
     # -- doing ---------------------------------------------------------------------
-    async def dispatch(self, request: Request, session: Session, command: dict[str, Any]) -> tuple[bool, str]:
-        """Send `command` through the daemon's control dispatch, as the control socket does."""
-        who = self.who(request, session)
+    async def dispatch(
+        self, request: Request, session: Session, command: dict[str, Any], *, affirmed: str = ""
+    ) -> tuple[bool, str]:
+        """Send `command` through the daemon's control dispatch, as the control socket does.
+
+        `affirmed` (what the administrator ticked) is recorded with who asked, in the run's events.
+        """
+        who = self.who(request, session) + (f", who affirmed: {affirmed}" if affirmed else "")
         log.info("console: %s asks %s", who, command)
         future = self._actions.submit(self.handler, command, who)
         try:

@@ -210,12 +210,16 @@ def test_approval_needs_both_boxes_and_the_server_refuses_a_forged_form_without_
         answer = http.post("/runs/1/approve", data={"csrf": token, "read_notes": "yes", "date_agreed": "yes"})
         assert answer.status_code == 303 and answer.headers["location"] == "/runs/1"
         assert "approved; it continues" in http.get("/runs/1").text
-    # Then the run goes on to success, and the journal says who approved it and from where
+    # Then the run goes on to success, and the journal says who approved it, from where, and what they affirmed
     assert site.wait_outcome(1)["outcome"] == "succeeded"
     messages = [e["message"] for e in site.show(1)["events"]]
-    assert f"approved by {accounts.admin} from 127.0.0.1 (console)" in messages
+    approval = (
+        f"approved by {accounts.admin} from 127.0.0.1 (console), "
+        "who affirmed: release notes read, date agreed with IT"
+    )
+    assert approval in messages
     shown = site.cli("show", "1")
-    assert f"approved by {accounts.admin} from 127.0.0.1 (console)" in shown.stdout
+    assert approval in shown.stdout
     assert "refused: consent boxes not ticked" in site.daemons[0].output()
 
 
