@@ -16,18 +16,17 @@ Runs are created in the order uploads completed, a batch at a time (the files
 the watcher took together), so one big file being hashed holds back the runs
 of files that completed after it — their order is the contract — but not
 their taking.
+
+The hashing and copying run on `hashing.Hasher`'s worker threads; what a
+previous daemon left is settled by `leftovers.Leftovers` (`recover`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import itertools
 import logging
 import os
-import queue
-import re
 import stat as stat_module
 import threading
 import time
@@ -51,22 +50,12 @@ from pipeline.inbox.files import (
     same_file,
     take_lease,
 )
+from pipeline.inbox.hashing import NAME_MAX, TAKEN_MODE, Hasher
+from pipeline.inbox.leftovers import Leftovers
 from pipeline.inbox.order import name_key
 from pipeline.journal import Journal
 
 log = logging.getLogger("dropgate")
-
-HASH_CHUNK = 1 << 20
-HASH_WORKERS = 2
-TAKEN_MODE = 0o640  # the daemon's, readable by the state folder's group (admins), by no uploader
-COPY_SUFFIX = ".copy"
-_TOKEN = re.compile(r"(\d+)-\d+(?:\.\d+)?")
-_ORPHAN_REJECTED = re.compile(r"(\d+)-(.+)", re.DOTALL)
-_NAME_MAX = 255
-
-
-class _Cancelled(Exception):
-    """The daemon is stopping: the item stays in intake/ and is finished at the next start."""
 
 
 @dataclass
@@ -109,9 +98,7 @@ class Intake:
         self.rejected = state / "rejected"
         self._items: dict[str, Item] = {}
         self._lock = threading.Lock()
-        self._jobs: queue.Queue[Item | None] = queue.Queue()
-        self._cancel = threading.Event()
-        self._workers: list[threading.Thread] = []
+        self._hasher = Hasher(config.limits.max_archive_bytes, self._hashed)
         self._tokens = itertools.count()
         self._dir_fd = -1
         self._uid = os.geteuid()
@@ -124,21 +111,14 @@ class Intake:
         self.folder.chmod(0o750)
         self._dir_fd = os.open(self.folder, DIR_FLAGS)
         self._gid = os.fstat(self._dir_fd).st_gid
-        for number in range(HASH_WORKERS):
-            worker = threading.Thread(target=self._work, name=f"dropgate-intake-{number}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        self._hasher.start(self._dir_fd)
 
     def stop(self) -> None:
         """Cancel hashing (each worker stops within one chunk) and let go of every descriptor."""
-        self._cancel.set()
-        for _ in self._workers:
-            self._jobs.put(None)
-        for worker in self._workers:
-            worker.join(timeout=2)
+        self._hasher.stop()
         with self._lock:
             for item in self._items.values():
-                if item.fd is not None and not any(w.is_alive() for w in self._workers):
+                if item.fd is not None and not self._hasher.running():
                     with contextlib.suppress(OSError):
                         os.close(item.fd)
                     item.fd = None
@@ -323,99 +303,13 @@ class Intake:
         item.copy = "; ".join(why)
         with self._lock:
             self._items[item.token] = item
-        self._jobs.put(item)
+        self._hasher.submit(item)
 
-    # -- hashing (worker threads) -------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None or self._cancel.is_set():
-                return
-            try:
-                if item.copy:
-                    self._copy_and_hash(item)
-                else:
-                    self._hash(item)
-            except _Cancelled:
-                return
-            except _CopyFailed as error:
-                item.refusal = f"{printable(item.name)}: {error.strerror}"
-            except OSError as error:
-                item.refusal = f"{printable(item.name)} cannot be read: {error.strerror or error}"
-            except Exception as error:  # never leave an item half-done: it is refused with the cause
-                log.exception("inbox: hashing %s failed", printable(item.name))
-                item.refusal = f"{printable(item.name)} could not be hashed: {error!r}"
-            with self._lock:
-                item.done = True
-            self.wake()
-
-    def _hash(self, item: Item) -> None:
-        """SHA-256 of the kept file, read through its descriptor; it must not change meanwhile."""
-        assert item.fd is not None
-        before = os.fstat(item.fd)
-        digest = hashlib.sha256()
-        offset = 0
-        while chunk := self._read(item.fd, offset):
-            digest.update(chunk)
-            offset += len(chunk)
-        after = os.fstat(item.fd)
-        if before.st_size != offset or (after.st_size, after.st_mtime_ns) != (offset, before.st_mtime_ns):
-            shown = printable(item.name)
-            item.refusal = f"{shown} changed while it was read ({before.st_size} → {after.st_size} bytes)"
-            return
-        item.sha256, item.size = digest.hexdigest(), offset
-
-    def _copy_and_hash(self, item: Item) -> None:
-        """Copy the bytes into a new file only dropgate can write, hashing what is copied; the copy replaces it."""
-        assert item.fd is not None
-        limit = self.config.limits.max_archive_bytes
-        folder_fd = os.open(item.token, DIR_FLAGS, dir_fd=self._dir_fd)
-        copy_name = item.name + COPY_SUFFIX if len(os.fsencode(item.name)) + 5 <= _NAME_MAX else COPY_SUFFIX
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(copy_name, dir_fd=folder_fd)
-            out = os.open(copy_name, flags, TAKEN_MODE, dir_fd=folder_fd)
-            try:
-                digest = hashlib.sha256()
-                offset = 0
-                while chunk := self._read(item.fd, offset):
-                    if offset + len(chunk) > limit:
-                        item.refusal = (
-                            f"{printable(item.name)} grew past limits.max_archive_bytes ({limit}) while it was copied"
-                        )
-                        break
-                    digest.update(chunk)
-                    offset += len(chunk)
-                    self._write(out, chunk)
-                else:
-                    os.fsync(out)
-            finally:
-                os.close(out)
-            if item.refusal is not None:
-                os.unlink(copy_name, dir_fd=folder_fd)
-                return
-            os.replace(copy_name, item.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-        finally:
-            os.close(folder_fd)
-        os.close(item.fd)
-        item.fd = None
-        item.sha256, item.size = digest.hexdigest(), offset
-
-    def _read(self, fd: int, offset: int) -> bytes:
-        if self._cancel.is_set():
-            raise _Cancelled()
-        return os.pread(fd, HASH_CHUNK, offset)
-
-    @staticmethod
-    def _write(fd: int, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        while view:
-            try:
-                written = os.write(fd, view)
-            except OSError as error:
-                raise _CopyFailed(error) from error
-            view = view[written:]
+    def _hashed(self, item: Item) -> None:
+        """A worker finished with `item` (hashed, or refused): it can be published."""
+        with self._lock:
+            item.done = True
+        self.wake()
 
     # -- creating the runs (the watcher's thread) -----------------------------------------------
     def publish(self) -> None:
@@ -549,73 +443,15 @@ class Intake:
         A file under the one id that has no run yet (the daemon died inside the
         transaction that would have created it) goes back into intake/; every
         intake folder is screened again from the start (hashed again, not trusted).
+        See `pipeline.inbox.leftovers`.
         """
-        newest = self.journal.runs(limit=1)
-        orphan = (newest[0].id if newest else 0) + 1
-        if not self._higher_ids_exist(orphan):
-            self._bring_back(self.spool / str(orphan), orphan)
-            for entry in _entries(self.rejected):
-                match = _ORPHAN_REJECTED.fullmatch(entry.name)
-                if match and int(match.group(1)) == orphan and not entry.name.endswith(".reason"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path + ".reason")
-                    self._bring_in(Path(entry.path), match.group(2))
-        for entry in sorted(_entries(self.folder), key=lambda e: e.name):
-            if entry.is_dir(follow_symlinks=False):
-                self._resume(entry.name)
-            else:
-                os.unlink(entry.path)  # a refusal's reason written before its run: written again
+        leftovers = Leftovers(
+            self.journal, self.folder, self.spool, self.rejected, new_token=self._new_token, screen=self._screen_again
+        )
+        leftovers.recover()
 
-    def _higher_ids_exist(self, orphan: int) -> bool:
-        """Evidence of runs above `orphan` means the journal lost runs: leave everything alone then."""
-        for entry in _entries(self.spool):
-            if entry.name.isdigit() and int(entry.name) > orphan:
-                return True
-        for entry in _entries(self.rejected):
-            match = _ORPHAN_REJECTED.fullmatch(entry.name)
-            if match and int(match.group(1)) > orphan:
-                return True
-        return False
-
-    def _bring_back(self, folder: Path, run_id: int) -> None:
-        for entry in _entries(folder):
-            self._bring_in(Path(entry.path), entry.name)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-    def _bring_in(self, path: Path, name: str) -> str:
-        token = self._new_token(time.time_ns(), path.lstat().st_ino)
-        os.rename(path, self.folder / token / name)
-        log.warning("inbox: %s had no run (the daemon stopped while creating it): screening it again", path)
-        return token
-
-    def _resume(self, token: str) -> None:
-        match = _TOKEN.fullmatch(token)
-        folder = self.folder / token
-        names = sorted(os.listdir(folder)) if folder.is_dir() else []
-        for name in names:
-            if name != COPY_SUFFIX and name.endswith(COPY_SUFFIX) and name[: -len(COPY_SUFFIX)] in names:
-                os.unlink(folder / name)  # a copy cut short: made again from the original
-                names.remove(name)
-            elif name == COPY_SUFFIX and len(names) > 1:
-                os.unlink(folder / name)
-                names.remove(name)
-        if not names:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-            return
-        arrival = int(match.group(1)) if match else time.time_ns()
-        for extra in names[1:]:  # never more than one; if so, each is screened on its own
-            self._resume(self._bring_in(folder / extra, extra))
-        log.info("inbox: finishing the intake of %s", printable(names[0]))
-        self._screen(Item(token, names[0], arrival, batch=0))
-
-
-class _CopyFailed(OSError):
-    """Writing the copy failed (a fault of this site, e.g. a full disk), not reading the upload."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(error.errno, f"it could not be copied into the state folder: {error.strerror}")
+    def _screen_again(self, token: str, name: str, arrival_ns: int) -> None:
+        self._screen(Item(token, name, arrival_ns, batch=0))
 
 
 def _arrival_order(item: Item) -> tuple[object, ...]:
@@ -625,17 +461,6 @@ def _arrival_order(item: Item) -> tuple[object, ...]:
 def _evidence_name(run_id: int, name: str) -> str:
     """`<id>-<name>`, shortened so that it and its `.reason` fit in a file name."""
     evidence = f"{run_id}-{name}"
-    while len(os.fsencode(evidence + ".reason")) > _NAME_MAX:
+    while len(os.fsencode(evidence + ".reason")) > NAME_MAX:
         evidence = evidence[:-1]
     return evidence
-
-
-def _entries(folder: Path) -> list[os.DirEntry[str]]:
-    try:
-        return list(os.scandir(folder))
-    except FileNotFoundError:
-        return []
-    except OSError as error:
-        if error.errno == errno.ENOTDIR:
-            return []
-        raise

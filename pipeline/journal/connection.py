@@ -1,284 +1,37 @@
-"""The journal: SQLite (WAL, synchronous FULL) holding runs, events and step timings.
+"""`Journal`: thread-safe access to the journal database (one connection, one lock).
 
-It is the single source of truth for status and history; the gate is derived
-from it, never stored beside it. The daemon opens it read-write; the read-only
-commands open it read-only and work while the daemon is down.
-
-Every change of a run's state is synced to disk before the call returns;
-events, step timings and progress are committed without waiting for the disk
-and synced with the next change of state (a SIGKILL loses none of them; a
-power cut at most the last lines of history).
+Every read and write of runs, events, step timings, the commands running now,
+the gate's own events, site settings and feed checks goes through it. A change
+of a run's state is a durable transaction (synced before the call returns);
+events, timings and progress are committed without waiting for the disk and
+synced with the next durable one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import JournalDamaged, JournalError
+from pipeline.errors import JournalError
+from pipeline.journal.database import open_readonly, open_readwrite
+from pipeline.journal.records import (
+    BLOCKING_OUTCOMES,
+    FEED_CHECK_COLUMNS,
+    PROGRESS,
+    RUN_COLUMNS,
+    Event,
+    FeedCheck,
+    Run,
+    Setting,
+    row_to_run,
+)
 from pipeline.sessions import CommandRecord
-
-OUTCOMES = ("succeeded", "rejected", "failed", "rolled_back", "interrupted")
-BLOCKING_OUTCOMES = ("failed", "rolled_back", "interrupted")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    archive          TEXT NOT NULL,
-    path             TEXT NOT NULL,
-    sha256           TEXT,
-    size             INTEGER,
-    from_version     TEXT,
-    to_version       TEXT,
-    step             TEXT NOT NULL DEFAULT 'queued',
-    outcome          TEXT,
-    arrived          REAL NOT NULL,
-    started          REAL,
-    finished         REAL,
-    step_started     REAL,
-    step_deadline    REAL,
-    progress         REAL,
-    progress_message TEXT,
-    error            TEXT,
-    platform_changed INTEGER NOT NULL DEFAULT 0,
-    maintenance      INTEGER NOT NULL DEFAULT 0,
-    resolved         REAL,
-    resolved_note    TEXT,
-    retry_of         INTEGER,
-    facts            TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS events (
-    id      INTEGER PRIMARY KEY,
-    run_id  INTEGER NOT NULL REFERENCES runs(id),
-    ts      REAL NOT NULL,
-    step    TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_run ON events(run_id, id);
-CREATE TABLE IF NOT EXISTS step_timings (
-    run_id   INTEGER NOT NULL REFERENCES runs(id),
-    step     TEXT NOT NULL,
-    started  REAL NOT NULL,
-    finished REAL NOT NULL,
-    result   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS step_timings_run ON step_timings(run_id);
-CREATE INDEX IF NOT EXISTS runs_sha ON runs(sha256);
-CREATE TABLE IF NOT EXISTS commands (
-    token       TEXT PRIMARY KEY,
-    run_id      INTEGER,
-    label       TEXT NOT NULL,
-    command     TEXT NOT NULL,
-    pid         INTEGER NOT NULL,
-    start_ticks INTEGER NOT NULL,
-    boot_id     TEXT NOT NULL,
-    started     REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS gate_events (
-    id      INTEGER PRIMARY KEY,
-    ts      REAL NOT NULL,
-    kind    TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_open ON runs(outcome, resolved);
-CREATE TABLE IF NOT EXISTS settings (
-    id    INTEGER PRIMARY KEY,
-    key   TEXT NOT NULL,
-    value TEXT NOT NULL,
-    ts    REAL NOT NULL,
-    who   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS settings_key ON settings(key, id);
-CREATE TABLE IF NOT EXISTS feed_checks (
-    id             INTEGER PRIMARY KEY,
-    started        REAL NOT NULL,
-    finished       REAL,
-    result         TEXT,
-    message        TEXT,
-    sequence       INTEGER,
-    digest         TEXT,
-    available      TEXT,
-    downloading    TEXT,
-    total          INTEGER,
-    fetched        TEXT,
-    fetched_sha256 TEXT,
-    notes          TEXT
-);
-"""
-
-# Columns added after the first release: (table, column, declaration), added when missing.
-_ADDED_COLUMNS = (("runs", "fault", "TEXT"),)
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-_UPDATABLE = {
-    "path",
-    "sha256",
-    "size",
-    "from_version",
-    "to_version",
-    "step",
-    "outcome",
-    "started",
-    "finished",
-    "step_started",
-    "step_deadline",
-    "progress",
-    "progress_message",
-    "error",
-    "platform_changed",
-    "maintenance",
-    "resolved",
-    "resolved_note",
-    "facts",
-    "fault",
-}
-
-
-@dataclass
-class Run:
-    """One archive's way through the steps, as the journal holds it."""
-
-    id: int
-    archive: str
-    path: str
-    sha256: str | None
-    size: int | None
-    from_version: str | None
-    to_version: str | None
-    step: str
-    outcome: str | None
-    arrived: float
-    started: float | None
-    finished: float | None
-    step_started: float | None
-    step_deadline: float | None
-    progress: float | None
-    progress_message: str | None
-    error: str | None
-    platform_changed: bool
-    maintenance: bool
-    resolved: float | None
-    resolved_note: str | None
-    retry_of: int | None
-    fault: str | None = None  # of a rejection: "archive" (the bytes) or "site" (no space, permission, key file)
-    facts: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def active(self) -> bool:
-        """Started and without an outcome."""
-        return self.outcome is None and self.step != "queued"
-
-    @property
-    def blocking(self) -> bool:
-        return self.outcome in BLOCKING_OUTCOMES and self.resolved is None
-
-    def to_json(self) -> dict[str, Any]:
-        """The run as `status --json` and `history --json` print it (SPEC section 7)."""
-        return {
-            "id": self.id,
-            "archive": self.archive,
-            "sha256": self.sha256,
-            "size": self.size,
-            "from_version": self.from_version,
-            "to_version": self.to_version,
-            "step": self.step,
-            "outcome": self.outcome,
-            "arrived": self.arrived,
-            "started": self.started,
-            "finished": self.finished,
-            "step_started": self.step_started,
-            "step_deadline": self.step_deadline,
-            "progress": self.progress,
-            "progress_message": self.progress_message,
-            "error": self.error,
-            "platform_changed": self.platform_changed,
-            "maintenance": self.maintenance,
-            "downtime": self.facts.get("downtime"),
-            "downtime_reason": self.facts.get("downtime_reason"),
-            "resolved": self.resolved,
-            "resolved_note": self.resolved_note,
-            "retry_of": self.retry_of,
-            "path": self.path,
-            "fault": self.fault,
-        }
-
-
-@dataclass(frozen=True)
-class Setting:
-    """The latest value of a site setting changed by an operator, with who changed it and when."""
-
-    key: str
-    value: Any
-    ts: float
-    who: str
-
-
-@dataclass(frozen=True)
-class FeedCheck:
-    """One check of the vendor's feed: `result` is ok, failed, stopped, or None while it runs."""
-
-    id: int
-    started: float
-    finished: float | None
-    result: str | None
-    message: str | None
-    sequence: int | None
-    digest: str | None
-    available: str | None
-    downloading: str | None
-    total: int | None
-    fetched: str | None
-    fetched_sha256: str | None
-    notes: str | None
-
-
-_FEED_CHECK_COLUMNS = frozenset(FeedCheck.__dataclass_fields__) - {"id", "started"}
-
-
-@dataclass(frozen=True)
-class Event:
-    run_id: int
-    ts: float
-    step: str
-    message: str
-
-
-def _row_to_run(row: sqlite3.Row) -> Run:
-    values = dict(row)
-    values["platform_changed"] = bool(values["platform_changed"])
-    values["maintenance"] = bool(values["maintenance"])
-    values["facts"] = json.loads(values["facts"] or "{}")
-    return Run(**values)
-
-
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection, also for a user who may not write the state folder (an admin).
-
-    While the daemon runs, its -wal and -shm files exist and a reader only reads
-    them. When it stopped cleanly they are gone and SQLite would have to create
-    the -shm file to read a WAL database; a reader who may not is given the
-    database as immutable, which is exact then: with no -wal file, every
-    committed transaction is in the main file.
-    """
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
-    try:
-        db.execute("PRAGMA schema_version").fetchone()
-        return db
-    except sqlite3.OperationalError:
-        db.close()
-        if os.path.exists(f"{path}-wal"):
-            raise
-    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
-_PROGRESS = {"progress", "progress_message"}  # written often, and only for display
 
 
 class Journal:
@@ -289,27 +42,10 @@ class Journal:
         self.now = now
         self._lock = threading.RLock()
         try:
-            if readonly:
-                self._db = _open_readonly(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if check_intact(path) is None:
-                    _create(path)
-                self._db = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.execute("PRAGMA foreign_keys=ON")
-                self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-                self._add_missing_columns()
+            self._db = open_readonly(path) if readonly else open_readwrite(path)
         except sqlite3.Error as error:
             raise JournalError(f"cannot open the journal {path}: {error}") from error
         self._db.row_factory = sqlite3.Row
-
-    def _add_missing_columns(self) -> None:
-        for table, column, declaration in _ADDED_COLUMNS:
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -360,7 +96,7 @@ class Journal:
         the archive where it belongs and returns that path (a run never exists
         without its file; a crash before the commit leaves the file and no run).
         """
-        unknown = set(fields) - _UPDATABLE
+        unknown = set(fields) - RUN_COLUMNS
         if unknown:
             raise ValueError(f"not a run column: {', '.join(sorted(unknown))}")
         with self._transaction() as db:
@@ -384,7 +120,7 @@ class Journal:
             yield
 
     def update_run(self, run_id: int, **fields: Any) -> None:
-        unknown = set(fields) - _UPDATABLE
+        unknown = set(fields) - RUN_COLUMNS
         if unknown:
             raise ValueError(f"not a run column: {', '.join(sorted(unknown))}")
         if "facts" in fields:
@@ -393,7 +129,7 @@ class Journal:
             if key in fields:
                 fields[key] = int(bool(fields[key]))
         assignments = ", ".join(f"{key} = ?" for key in fields)
-        with self._transaction(durable=not set(fields) <= _PROGRESS) as db:
+        with self._transaction(durable=not set(fields) <= PROGRESS) as db:
             db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))  # noqa: S608
 
     def add_event(self, run_id: int, step: str, message: str) -> None:
@@ -413,21 +149,21 @@ class Journal:
     # -- reads -----------------------------------------------------------
     def run(self, run_id: int) -> Run | None:
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
-        return _row_to_run(rows[0]) if rows else None
+        return row_to_run(rows[0]) if rows else None
 
     def runs(self, limit: int = 50) -> list[Run]:
         """Newest first."""
-        return [_row_to_run(row) for row in self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))]
+        return [row_to_run(row) for row in self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))]
 
     def queued(self) -> list[Run]:
         """Runs still to do, in arrival order."""
         rows = self._query("SELECT * FROM runs WHERE outcome IS NULL AND step = 'queued' ORDER BY id")
-        return [_row_to_run(row) for row in rows]
+        return [row_to_run(row) for row in rows]
 
     def unfinished(self) -> list[Run]:
         """Runs that started and have no outcome (at start-up: the daemon died during them)."""
         rows = self._query("SELECT * FROM runs WHERE outcome IS NULL AND step != 'queued' ORDER BY id")
-        return [_row_to_run(row) for row in rows]
+        return [row_to_run(row) for row in rows]
 
     def blocking(self) -> list[Run]:
         """Runs whose outcome blocks the gate until an operator resolves them."""
@@ -436,7 +172,7 @@ class Journal:
             f"SELECT * FROM runs WHERE outcome IN ({marks}) AND resolved IS NULL ORDER BY id",  # noqa: S608
             BLOCKING_OUTCOMES,
         )
-        return [_row_to_run(row) for row in rows]
+        return [row_to_run(row) for row in rows]
 
     def gate(self) -> str:
         """`blocked`, `busy` or `idle`, derived from the runs."""
@@ -457,7 +193,7 @@ class Journal:
             " AND (fault IS NULL OR fault != 'site') ORDER BY id DESC LIMIT 1",
             (sha256, exclude if exclude is not None else -1),
         )
-        return _row_to_run(rows[0]) if rows else None
+        return row_to_run(rows[0]) if rows else None
 
     def last_with_outcome(self, *outcomes: str) -> Run | None:
         marks = ",".join("?" * len(outcomes))
@@ -465,7 +201,7 @@ class Journal:
             f"SELECT * FROM runs WHERE outcome IN ({marks}) ORDER BY id DESC LIMIT 1",  # noqa: S608
             outcomes,
         )
-        return _row_to_run(rows[0]) if rows else None
+        return row_to_run(rows[0]) if rows else None
 
     def events(self, run_id: int) -> list[Event]:
         rows = self._query("SELECT run_id, ts, step, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))
@@ -566,7 +302,7 @@ class Journal:
         return cursor.lastrowid
 
     def update_feed_check(self, check_id: int, **fields: Any) -> None:
-        unknown = set(fields) - _FEED_CHECK_COLUMNS
+        unknown = set(fields) - FEED_CHECK_COLUMNS
         if unknown:
             raise ValueError(f"not a feed check column: {', '.join(sorted(unknown))}")
         assignments = ", ".join(f"{key} = ?" for key in fields)
@@ -604,64 +340,3 @@ class Journal:
             "SELECT notes FROM feed_checks WHERE fetched_sha256 = ? ORDER BY id DESC LIMIT 1", (sha256,)
         )
         return rows[0][0] if rows else None
-
-
-def check_header(path: Path) -> bool:
-    """Whether `path` holds something (False: missing or empty); raise JournalDamaged if it is not SQLite."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except FileNotFoundError:
-        return False
-    except OSError as error:
-        raise JournalError(f"cannot read the journal {path}: {error.strerror}") from error
-    if not head:
-        return False
-    if head != SQLITE_MAGIC:
-        raise JournalDamaged(f"the journal {path} is not an SQLite database (it starts with {head[:8]!r})")
-    return True
-
-
-def _create(path: Path) -> None:
-    """A new journal, built aside and renamed into place: a reader never sees it empty or half made."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.new")
-    aside.unlink(missing_ok=True)
-    db = sqlite3.connect(aside, isolation_level=None)
-    try:
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-    finally:
-        db.close()
-    fd = os.open(aside, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(aside, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_intact(path: Path) -> bool | None:
-    """Refuse a journal file that is not an intact SQLite database; never write to it.
-
-    None when there is nothing yet (missing or 0 bytes: the daemon decides whether
-    that is allowed), True when it is intact. The check reads only: a read-only
-    connection neither repairs nor checkpoints.
-    """
-    if not check_header(path):
-        return None
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
-        finally:
-            db.close()
-    except sqlite3.Error as error:
-        raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
-    if problems != ["ok"]:
-        raise JournalDamaged(f"the journal {path} is damaged: {problems[0]}")
-    return True

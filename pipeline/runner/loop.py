@@ -1,22 +1,18 @@
-"""The runner: one run at a time through the `transitions` machine, and the gate.
+"""`Runner`: the thread that takes queued runs one at a time while the gate is open.
 
-The machine is the order of SPEC section 1: queued → validate → prereq →
-[approval] → [window] → backup → [maintenance] → apply → verify → succeeded,
-with `rejected` before backup, `failed`/`interrupted` from backup on, and the
-`rollback` state between a failure (or an operator's command) and
-`rolled_back`. Each step is `states.<step>.run(ctx)`; the runner owns time
-limits, the journal records and the failure paths; observers only watch.
+It takes each run through the machine (`pipeline.runner.machine`), one step at
+a time: `states.<step>.run(ctx)` under the step's time limit, each start and
+end recorded in the journal and the run's log and told to the observers; a
+step's failure takes the failure path (rejected before backup, rolled back or
+failed from then on). It is also the steps' reporter (events, log lines,
+progress), and it serves the operator's commands (`pipeline.runner.commands`)
+and the first and second SIGTERM.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
 import logging
-import os
 import queue
-import shutil
 import threading
 import time
 import traceback
@@ -26,132 +22,28 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from transitions import Machine
-
-from pipeline.changes import rollback_done
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
 from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
 from pipeline.faults import site_fault
 from pipeline.inbox.order import start_order
-from pipeline.journal import OUTCOMES, Journal, Run
+from pipeline.journal import Journal, Run
 from pipeline.observers import Observers
 from pipeline.priority import run_step
 from pipeline.process import CancelToken
-from pipeline.recovery import ADVICE, PRE_CHANGE_STEPS, rollback_blocker, settle_runs
-from pipeline.release import current_release
+from pipeline.recovery import PRE_CHANGE_STEPS, rollback_blocker, settle_runs
 from pipeline.runlog import RunLog
+from pipeline.runner.archives import discard_staged_release, prune_archives, set_aside
+from pipeline.runner.commands import OperatorCommands
+from pipeline.runner.machine import CHANGE_STEPS, ROLLBACK_AFTER, RunModel, build_machine, load_steps
 
 log = logging.getLogger("dropgate")
 
-CHANGE_STEPS = ("backup", "maintenance", "apply", "verify")
-OPTIONAL_STEPS = ("approval", "window", "maintenance")
-ROLLBACK_AFTER = ("maintenance", "apply", "verify")
-ROLLBACK_OF_OUTCOMES = ("failed", "interrupted", "succeeded")
-MACHINE_STATES = ("queued", *STEPS, "rollback", *OUTCOMES)
 PROGRESS_WRITE_INTERVAL = 0.5
 COMPARABLE_RUNS = 3
 
 
-def machine_transitions() -> list[dict[str, Any]]:
-    """The machine's transitions; optional steps are entered only when their condition holds."""
-    transitions: list[dict[str, Any]] = [{"trigger": "start", "source": "queued", "dest": "validate"}]
-    for index, step in enumerate(STEPS):
-        for later in STEPS[index + 1 :]:
-            if later in OPTIONAL_STEPS:
-                transitions.append(
-                    {"trigger": "advance", "source": step, "dest": later, "conditions": f"needs_{later}"}
-                )
-                continue
-            transitions.append({"trigger": "advance", "source": step, "dest": later})
-            break
-        else:
-            transitions.append({"trigger": "advance", "source": step, "dest": "succeeded"})
-    transitions += [
-        {"trigger": "reject", "source": list(PRE_CHANGE_STEPS), "dest": "rejected"},
-        {"trigger": "requeue", "source": list(PRE_CHANGE_STEPS), "dest": "queued"},
-        {"trigger": "fail", "source": [*CHANGE_STEPS, "rollback"], "dest": "failed"},
-        {"trigger": "interrupt", "source": [*CHANGE_STEPS, "rollback"], "dest": "interrupted"},
-        {"trigger": "roll_back", "source": [*ROLLBACK_AFTER, *ROLLBACK_OF_OUTCOMES], "dest": "rollback"},
-        {"trigger": "restored", "source": "rollback", "dest": "rolled_back"},
-    ]
-    return transitions
-
-
-class RunModel:
-    """The object the machine moves; its conditions ask the optional steps."""
-
-    state: str
-
-    def __init__(self, config: Config, facts: dict[str, Any], steps: Mapping[str, ModuleType]) -> None:
-        self.config = config
-        self.facts = facts
-        self._steps = steps
-
-    def _required(self, step: str) -> bool:
-        required: Callable[[Config, dict[str, Any]], bool] | None = getattr(self._steps[step], "required", None)
-        return True if required is None else bool(required(self.config, self.facts))
-
-    def needs_approval(self) -> bool:
-        return self._required("approval")
-
-    def needs_window(self) -> bool:
-        return self._required("window")
-
-    def needs_maintenance(self) -> bool:
-        return self._required("maintenance")
-
-
-def build_machine(model: Any, initial: str = "queued") -> Machine:
-    return Machine(
-        model=model,
-        states=list(MACHINE_STATES),
-        transitions=machine_transitions(),
-        initial=initial,
-        auto_transitions=False,
-    )
-
-
-def mermaid() -> str:
-    """The machine as a Mermaid state diagram, generated from the machine itself."""
-    from transitions.extensions import GraphMachine
-
-    class _Model:
-        def needs_approval(self) -> bool:
-            return True
-
-        def needs_window(self) -> bool:
-            return True
-
-        def needs_maintenance(self) -> bool:
-            return True
-
-    model = _Model()
-    GraphMachine(
-        model=model,
-        states=list(MACHINE_STATES),
-        transitions=machine_transitions(),
-        initial="queued",
-        auto_transitions=False,
-        graph_engine="mermaid",
-        show_conditions=True,
-        title="dropgate run",
-    )
-    text: str = model.get_graph().draw(None)  # type: ignore[attr-defined]
-    return text
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    print(mermaid())
-    return 0
-
-
-def load_steps() -> dict[str, ModuleType]:
-    """`states.<step>` for every step, and `states.rollback`."""
-    return {name: importlib.import_module(f"states.{name}") for name in (*STEPS, "rollback")}
-
-
-class Runner(threading.Thread):
+class Runner(OperatorCommands, threading.Thread):
     """Takes queued runs one at a time while the gate is open, and answers operator commands."""
 
     def __init__(
@@ -241,99 +133,6 @@ class Runner(threading.Thread):
         self._requests.put((action, future))
         self.wake()
         return future
-
-    def approve(self, run_id: int, who: str) -> str:
-        with self._lock:
-            ctx = self._ctx
-            if ctx is None or ctx.run_id != run_id or ctx.step != "approval":
-                run = self.journal.run(run_id)
-                if run is None:
-                    raise ControlRefused(f"there is no run {run_id}")
-                where = run.outcome or run.step
-                raise ControlRefused(f"run {run_id} is not waiting for approval (it is {where})")
-            ctx.save_facts(approved_at=self.now(), approved_by=who)
-            ctx.event(f"approved by {who}")
-        return f"run {run_id} approved; it continues"
-
-    def reject(self, run_id: int, note: str, who: str) -> str:
-        """Refuse a run waiting in approval or window: it ends `rejected`, its archive is set aside."""
-        with self._lock:
-            ctx = self._ctx
-            if ctx is None or ctx.run_id != run_id or ctx.step not in ("approval", "window"):
-                run = self.journal.run(run_id)
-                if run is None:
-                    raise ControlRefused(f"there is no run {run_id}")
-                where = run.outcome or run.step
-                raise ControlRefused(
-                    f"run {run_id} is not waiting in approval or window (it is {where}): "
-                    "only a waiting run can be rejected"
-                )
-            ctx.save_facts(rejected_at=self.now(), rejected_by=who, rejected_note=note)
-            ctx.event(f"rejected by {who}: {note}")
-            ctx.cancel.cancel(f"rejected by {who}", resumable=False)
-        return f"run {run_id} rejected; its archive is set aside in {self.state_dir / 'rejected'}"
-
-    def resolve(self, run_id: int, note: str, who: str) -> str:
-        run = self.journal.run(run_id)
-        if run is None:
-            raise ControlRefused(f"there is no run {run_id}")
-        if not run.blocking:
-            raise ControlRefused(f"run {run_id} does not block the gate (it is {run.outcome or run.step})")
-        self.journal.update_run(run_id, resolved=self.now(), resolved_note=note, maintenance=False)
-        self.event(run_id, "resolve", f"resolved by {who}: {note}")
-        message = f"run {run_id} resolved"
-        flag = self.config.maintenance.flag_file
-        if flag.exists():
-            message += f"; note: the maintenance flag {flag} still exists, remove it when the platform is ready"
-        left = self.journal.blocking()
-        if left:
-            message += f"; the gate is still blocked by run {left[0].id} ({left[0].outcome})"
-        else:
-            message += "; the gate is open"
-        self.wake()
-        return message
-
-    def retry(self, run_id: int, who: str) -> str:
-        run = self.journal.run(run_id)
-        if run is None:
-            raise ControlRefused(f"there is no run {run_id}")
-        if run.outcome not in ("rejected", "failed", "rolled_back", "interrupted"):
-            raise ControlRefused(
-                f"run {run_id} is {run.outcome or run.step}: only a rejected or failed run can be retried"
-            )
-        blocking = self.journal.blocking()
-        if blocking:
-            first = blocking[0]
-            raise ControlRefused(
-                f"the gate is blocked by run {first.id} ({first.outcome}): resolve it first "
-                f"(dropgate resolve {first.id} --note ...)"
-            )
-        source = Path(run.path)
-        if not source.is_file():
-            raise ControlRefused(f"the archive of run {run_id} is no longer at {source}")
-        spool = self.state_dir / "spool"
-
-        def place(new_id: int) -> Path:
-            # Inside the journal's transaction: the new run never exists without its file and hash.
-            target = spool / str(new_id) / run.archive
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copy2(source, target)
-            return target
-
-        new_id = self.journal.add_run(
-            run.archive, spool=spool, arrived=self.now(), retry_of=run_id, place=place, sha256=run.sha256, size=run.size
-        )
-        self.event(new_id, "queued", f"retry of run {run_id}, asked by {who}")
-        self.event(run_id, run.outcome or run.step, f"retried as run {new_id} by {who}")
-        self.wake()
-        return f"run {run_id} is queued again as run {new_id}"
-
-    def rollback(self, run_id: int | None, who: str) -> Future[str]:
-        """Put the platform back as it was before `run_id`; done on the runner thread."""
-        return self._submit(lambda: self._operator_rollback(run_id, who))
 
     # -- the loop ----------------------------------------------------------
     def _publish_gate(self) -> str:
@@ -539,11 +338,11 @@ class Runner(threading.Thread):
         }
         if outcome == "rejected":
             fields["fault"] = fault
-            fields["path"] = str(self._set_aside(run, error or "rejected"))
-            self._discard_staged_release(run.id, model.facts)
+            fields["path"] = str(set_aside(run, self.state_dir, error or "rejected"))
+            discard_staged_release(self.steps["validate"], self.config.platform.root, run.id, model.facts, self.event)
         self.journal.update_run(run.id, **fields)
         if outcome == "succeeded":
-            self._prune_archives()
+            prune_archives(self.journal, self.state_dir, self.config.platform.keep_releases, self.event)
         summary = f"outcome: {outcome}" + (f" — {error}" if error else "")
         if outcome in ("failed", "rolled_back", "interrupted"):
             summary += f"; the gate is blocked until `dropgate resolve {run.id} --note ...`"
@@ -552,89 +351,6 @@ class Runner(threading.Thread):
         if finished is not None:
             self.observers.run_finished(finished)
         self._publish_gate()
-
-    def _discard_staged_release(self, run_id: int, facts: dict[str, Any]) -> None:
-        """A rejected run leaves no trace among the releases: remove what its validate staged."""
-        discard: Callable[[Path, dict[str, Any]], Path | None] | None = getattr(
-            self.steps["validate"], "discard_staged", None
-        )
-        if discard is not None and discard(self.config.platform.root, facts) is not None:
-            self.event(run_id, "rejected", "removed the staged release (never made live)")
-        staged = facts.get("release_dir")
-        if not staged:
-            return
-        staged_path = Path(staged)
-        if staged_path == current_release(self.config.platform.root) or not staged_path.is_dir():
-            return
-        shutil.rmtree(staged_path, ignore_errors=True)
-        facts.pop("release_dir", None)
-        self.event(run_id, "rejected", f"removed the staged release {staged_path.name} (never made live)")
-
-    def _prune_archives(self) -> None:
-        """Keep the archives of as many succeeded runs as releases are kept; older ones go.
-
-        Only archives that were installed successfully are ever removed: rejected
-        and failed ones stay (they are evidence, and `retry` needs them).
-        """
-        succeeded = [run for run in self.journal.runs(limit=1000) if run.outcome == "succeeded"]
-        for old in succeeded[self.config.platform.keep_releases :]:
-            folder = self.state_dir / "spool" / str(old.id)
-            if folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
-                self.event(old.id, "succeeded", f"archive removed from {folder} (its release is no longer kept)")
-
-    def _set_aside(self, run: Run, reason: str) -> Path:
-        """Move a rejected archive to `<state>/rejected/` with a `.reason` file beside it."""
-        source = Path(run.path)
-        target = self.state_dir / "rejected" / f"{run.id}-{run.archive}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(source, target)
-        except FileNotFoundError:
-            return source
-        target.with_name(target.name + ".reason").write_text(reason + "\n", encoding="utf-8")
-        with contextlib.suppress(OSError):
-            source.parent.rmdir()
-        return target
-
-    def _operator_rollback(self, run_id: int | None, who: str) -> str:
-        if run_id is None:
-            last = self.journal.last_with_outcome("failed", "interrupted")
-            if last is None:
-                raise ControlRefused("no failed or interrupted run to roll back; name one: dropgate rollback ID")
-            run_id = last.id
-        run = self.journal.run(run_id)
-        if run is None:
-            raise ControlRefused(f"there is no run {run_id}")
-        if run.outcome not in ROLLBACK_OF_OUTCOMES:
-            raise ControlRefused(
-                f"run {run_id} is {run.outcome or run.step}: "
-                "only a failed, interrupted or succeeded run can be rolled back"
-            )
-        later = [
-            r
-            for r in self.journal.runs(limit=1000)
-            if r.id > run_id and r.platform_changed and r.outcome != "rolled_back"
-        ]
-        if later:
-            raise ControlRefused(
-                f"run {later[-1].id} changed the platform after run {run_id}: roll back run {later[-1].id} first"
-            )
-        if not run.platform_changed:
-            raise ControlRefused(f"run {run_id} did not change the platform: there is nothing to roll back")
-        blocker = rollback_blocker(self.journal)
-        if blocker is not None:
-            raise ControlRefused(blocker)
-        model = RunModel(self.config, dict(run.facts), self.steps)
-        build_machine(model, initial=run.outcome or "failed")
-        self.event(run_id, "rollback", f"rollback asked by {who}")
-        model.roll_back()  # type: ignore[attr-defined]
-        self.journal.update_run(run_id, outcome=None, resolved=None)
-        before = (run.error or "").split(ADVICE)[0]
-        cause = (f"{before} — " if before else "") + f"rolled back by {who}: {rollback_done(run.facts)}"
-        if self._roll_back(run, model, cause=cause):
-            return f"run {run_id} rolled back; check the platform, then `dropgate resolve {run_id} --note ...`"
-        raise ControlRefused(f"rollback of run {run_id} failed: see `dropgate show {run_id} --log`")
 
     # -- start-up ----------------------------------------------------------
     def recover(self) -> None:
