@@ -37,7 +37,7 @@ from pipeline.evidence import EXIT_NO_JOURNAL, check_memory, refuse_to_replace, 
 from pipeline.heartbeat import beat
 from pipeline.http import StatusServer
 from pipeline.inbox import Inbox
-from pipeline.journal import Journal, check_intact
+from pipeline.journal import Journal, check_intact, check_runs
 from pipeline.metrics import Metrics, write_textfile
 from pipeline.observers import Observers
 from pipeline.orphans import sweep_orphans
@@ -45,7 +45,7 @@ from pipeline.process import record_commands_in
 from pipeline.quickconfig import validate
 from pipeline.release import installed_version
 from pipeline.report import JOURNAL_NAME, LOCK_NAME, run_view, status_dict
-from pipeline.runner import Runner
+from pipeline.runner import MACHINE_STATES, Runner
 from pipeline.schedule import next_window_open
 
 if TYPE_CHECKING:
@@ -174,7 +174,8 @@ class Daemon:
         config = self.config
         check_paths(config)
         journal_path = config.paths.state / JOURNAL_NAME
-        check_intact(journal_path)
+        if check_intact(journal_path):
+            check_runs(journal_path, MACHINE_STATES)
         if self.fresh_journal is None:
             check_memory(config)
         else:

@@ -121,7 +121,7 @@ def journal_state(path: Path) -> str:
         db.close()
 
 
-def _what_to_do(path: Path) -> str:
+def what_to_do(path: Path) -> str:
     return (
         f"restore {path.name} (with {path.name}-wal if your backup has it) from the backup of {path.parent}, "
         'or, to start with an empty history on purpose, run `dropgate run --fresh-journal "WHY"` once '
@@ -131,19 +131,23 @@ def _what_to_do(path: Path) -> str:
 
 def check_memory(config: Config) -> None:
     """Raise JournalMissing when the journal is missing or empty but the site shows earlier runs."""
+    problem = memory_problem(config)
+    if problem is not None:
+        raise JournalMissing(problem + ". Without its journal the gate would forget a blocked run and what it "
+                             "changed, so it does not start: " + what_to_do(config.paths.state / JOURNAL_NAME))
+
+
+def memory_problem(config: Config) -> str | None:
+    """What is wrong when the journal is missing, empty or holds no runs while the site shows earlier runs."""
     path = config.paths.state / JOURNAL_NAME
     state = journal_state(path)
     if state == "ok":
-        return
+        return None
     found = site_evidence(config) if state in ("missing", "empty") else run_evidence(config)
     if not found:
-        return
+        return None
     what = {"missing": "is missing", "empty": "is empty", "no runs": "holds no runs"}[state]
-    raise JournalMissing(
-        f"the journal {path} {what}, but this site shows earlier runs: {'; '.join(found)}. "
-        f"Without its journal the gate would forget a blocked run and what it changed, so it does not start: "
-        + _what_to_do(path)
-    )
+    return f"the journal {path} {what}, but this site shows earlier runs: {'; '.join(found)}"
 
 
 def missing_message(config: Config) -> str:
@@ -153,7 +157,7 @@ def missing_message(config: Config) -> str:
     if found:
         return (
             f"the journal {path} is missing: the gate's state is unknown (not idle), "
-            f"and this site shows earlier runs ({'; '.join(found)}): " + _what_to_do(path)
+            f"and this site shows earlier runs ({'; '.join(found)}): " + what_to_do(path)
         )
     return (
         f"the journal {path} is missing: the gate's state is unknown; "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.changes import describe_changes
-from pipeline.errors import DropgateError, JournalMissing, NotAllowed
+from pipeline.errors import DropgateError, JournalDamaged, JournalMissing, NotAllowed
 from pipeline.heartbeat import STALE_SECONDS, last_beat
 from pipeline.journal import Journal, Run, check_header
 from pipeline.quickconfig import QuickConfig, config_path, load_quick
@@ -75,7 +75,20 @@ def open_journal(config: SiteConfig) -> Journal | None:
 
         raise JournalMissing(missing_message(config))
     check_header(path)
-    return Journal(path, readonly=True)
+    journal = Journal(path, readonly=True)
+    try:
+        journal.check_tables()
+    except JournalDamaged:
+        journal.close()
+        raise
+    if not journal.runs(limit=1):  # no runs: idle only if the site shows none either (the daemon's own rule)
+        from pipeline.evidence import memory_problem, what_to_do
+
+        problem = memory_problem(config)
+        if problem is not None:
+            journal.close()
+            raise JournalMissing(f"{problem}: the gate's state is unknown (not idle); {what_to_do(path)}")
+    return journal
 
 
 def describe_change(run: Run) -> str:

@@ -17,7 +17,7 @@ and write goes.
 from __future__ import annotations
 
 from pipeline.journal.connection import Journal
-from pipeline.journal.database import SQLITE_MAGIC, check_header, check_intact
+from pipeline.journal.database import SQLITE_MAGIC, check_header, check_intact, check_runs
 from pipeline.journal.records import BLOCKING_OUTCOMES, OUTCOMES, Event, FeedCheck, Run, Setting
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "Setting",
     "check_header",
     "check_intact",
+    "check_runs",
 ]

@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import JournalError
-from pipeline.journal.database import open_readonly, open_readwrite
+from pipeline.errors import JournalDamaged, JournalError
+from pipeline.journal.database import FIRST_TABLES, open_readonly, open_readwrite
 from pipeline.journal.records import (
     BLOCKING_OUTCOMES,
     FEED_CHECK_COLUMNS,
     PROGRESS,
     RUN_COLUMNS,
+    DamagedRow,
     Event,
     FeedCheck,
     Run,
@@ -75,7 +76,22 @@ class Journal:
             try:
                 return list(self._db.execute(sql, args))
             except sqlite3.Error as error:
+                if _damaged(error):
+                    raise JournalDamaged(f"the journal {self.path} is damaged: {error}") from error
                 raise JournalError(f"cannot read the journal {self.path}: {error}") from error
+
+    def check_tables(self) -> None:
+        """Raise JournalDamaged if a table every journal has is missing (a reader's cheap check)."""
+        tables = {str(row[0]) for row in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [table for table in FIRST_TABLES if table not in tables]
+        if missing:
+            raise JournalDamaged(f"the journal {self.path} is damaged: it has no table {', '.join(missing)}")
+
+    def _run_of(self, row: sqlite3.Row) -> Run:
+        try:
+            return row_to_run(row)
+        except DamagedRow as error:
+            raise JournalDamaged(f"the journal {self.path} is damaged: {error}") from error
 
     # -- writes ----------------------------------------------------------
     def add_run(
@@ -149,21 +165,21 @@ class Journal:
     # -- reads -----------------------------------------------------------
     def run(self, run_id: int) -> Run | None:
         rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
-        return row_to_run(rows[0]) if rows else None
+        return self._run_of(rows[0]) if rows else None
 
     def runs(self, limit: int = 50) -> list[Run]:
         """Newest first."""
-        return [row_to_run(row) for row in self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))]
+        return [self._run_of(row) for row in self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))]
 
     def queued(self) -> list[Run]:
         """Runs still to do, in arrival order."""
         rows = self._query("SELECT * FROM runs WHERE outcome IS NULL AND step = 'queued' ORDER BY id")
-        return [row_to_run(row) for row in rows]
+        return [self._run_of(row) for row in rows]
 
     def unfinished(self) -> list[Run]:
         """Runs that started and have no outcome (at start-up: the daemon died during them)."""
         rows = self._query("SELECT * FROM runs WHERE outcome IS NULL AND step != 'queued' ORDER BY id")
-        return [row_to_run(row) for row in rows]
+        return [self._run_of(row) for row in rows]
 
     def blocking(self) -> list[Run]:
         """Runs whose outcome blocks the gate until an operator resolves them."""
@@ -172,7 +188,7 @@ class Journal:
             f"SELECT * FROM runs WHERE outcome IN ({marks}) AND resolved IS NULL ORDER BY id",  # noqa: S608
             BLOCKING_OUTCOMES,
         )
-        return [row_to_run(row) for row in rows]
+        return [self._run_of(row) for row in rows]
 
     def gate(self) -> str:
         """`blocked`, `busy` or `idle`, derived from the runs."""
@@ -193,7 +209,7 @@ class Journal:
             " AND (fault IS NULL OR fault != 'site') ORDER BY id DESC LIMIT 1",
             (sha256, exclude if exclude is not None else -1),
         )
-        return row_to_run(rows[0]) if rows else None
+        return self._run_of(rows[0]) if rows else None
 
     def last_with_outcome(self, *outcomes: str) -> Run | None:
         marks = ",".join("?" * len(outcomes))
@@ -201,7 +217,7 @@ class Journal:
             f"SELECT * FROM runs WHERE outcome IN ({marks}) ORDER BY id DESC LIMIT 1",  # noqa: S608
             outcomes,
         )
-        return row_to_run(rows[0]) if rows else None
+        return self._run_of(rows[0]) if rows else None
 
     def events(self, run_id: int) -> list[Event]:
         rows = self._query("SELECT run_id, ts, step, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))
@@ -340,3 +356,10 @@ class Journal:
             "SELECT notes FROM feed_checks WHERE fetched_sha256 = ? ORDER BY id DESC LIMIT 1", (sha256,)
         )
         return rows[0][0] if rows else None
+
+
+def _damaged(error: sqlite3.Error) -> bool:
+    """Whether a failed read means the file is damaged (not busy, not unreadable): a missing table or column too."""
+    if isinstance(error, sqlite3.OperationalError):
+        return str(error).startswith(("no such table", "no such column"))
+    return isinstance(error, sqlite3.DatabaseError)

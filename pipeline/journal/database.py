@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Collection
 from pathlib import Path
 
 from pipeline.errors import JournalDamaged, JournalError
+from pipeline.journal.records import DamagedRow, row_to_run
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -98,6 +100,9 @@ CREATE TABLE IF NOT EXISTS feed_checks (
     notes          TEXT
 );
 """
+
+# The tables of the first release: every journal has them (later ones are created when missing).
+FIRST_TABLES = ("runs", "events", "step_timings")
 
 # Columns added after the first release: (table, column, declaration), added when missing.
 ADDED_COLUMNS = (("runs", "fault", "TEXT"),)
@@ -199,10 +204,41 @@ def check_intact(path: Path) -> bool | None:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
             problems = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+            tables = {str(row[0]) for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             db.close()
     except sqlite3.Error as error:
         raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
     if problems != ["ok"]:
         raise JournalDamaged(f"the journal {path} is damaged: {problems[0]}")
+    missing = [table for table in FIRST_TABLES if table not in tables]
+    if tables and missing:  # no table at all is a journal never written: the daemon decides
+        raise JournalDamaged(f"the journal {path} is damaged: it has no table {', '.join(missing)}")
     return True
+
+
+def check_runs(path: Path, steps: Collection[str]) -> None:
+    """Refuse a journal whose runs hold values dropgate never writes (changed by hand, or damaged).
+
+    Read once at start-up, before the daemon acts on any run: every row must read
+    back as a Run, its step one of `steps`. Rows are read one by one (little memory
+    whatever the history's length).
+    """
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as error:
+        raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
+    try:
+        db.row_factory = sqlite3.Row
+        for row in db.execute("SELECT * FROM runs ORDER BY id"):
+            _check_run(row, steps)
+    except (DamagedRow, sqlite3.Error) as error:
+        raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
+    finally:
+        db.close()
+
+
+def _check_run(row: sqlite3.Row, steps: Collection[str]) -> None:
+    run = row_to_run(row)
+    if run.step not in steps:
+        raise DamagedRow(f"run {run.id} is at the step {run.step!r}, which is not a step of dropgate")

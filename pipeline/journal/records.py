@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,10 +146,35 @@ class Event:
     message: str
 
 
+class DamagedRow(ValueError):
+    """A row that SQLite reads back intact but no dropgate wrote: the journal was changed by hand or damaged."""
+
+
 def row_to_run(row: sqlite3.Row) -> Run:
-    """A `runs` row as a Run."""
+    """A `runs` row as a Run; DamagedRow (saying what is wrong) if its values are not ones dropgate writes."""
     values = dict(row)
+    run_id = values.get("id")
+    try:
+        facts = json.loads(values["facts"] or "{}")
+    except (ValueError, TypeError):
+        facts = None
+    if not isinstance(facts, dict):
+        raise DamagedRow(f"run {run_id} has facts that are not a JSON object ({_shown(values['facts'])})")
+    if values["outcome"] not in (None, *OUTCOMES):
+        known = ", ".join(OUTCOMES)
+        raise DamagedRow(f"run {run_id} has the outcome {_shown(values['outcome'])}, which is none of {known}")
+    for column in ("arrived", "started", "finished", "step_started", "step_deadline", "progress"):
+        value = values[column]
+        if value is not None and (isinstance(value, (str, bytes)) or not math.isfinite(value)):
+            raise DamagedRow(f"run {run_id} has {column} {_shown(value)}, which is not a finite number")
+    if not isinstance(values["archive"], str) or not isinstance(values["step"], str):
+        raise DamagedRow(f"run {run_id} has no archive name or no step")
+    values["facts"] = facts
     values["platform_changed"] = bool(values["platform_changed"])
     values["maintenance"] = bool(values["maintenance"])
-    values["facts"] = json.loads(values["facts"] or "{}")
     return Run(**values)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"

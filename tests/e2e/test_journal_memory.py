@@ -169,3 +169,50 @@ def test_starting_afresh_on_purpose_is_recorded_and_sticks(used_site: Site) -> N
     assert refused.returncode == 2
     assert "is never replaced" in refused.stderr
     assert [p.name.startswith("journal.db.before-fresh-") for p in site.state.iterdir()].count(True) == 0
+
+
+ALL_READERS = (("status",), ("status", "--json"), ("history",))
+CONTENT_DAMAGE = {
+    # what was done to the journal: (SQL, what the daemon's one line says, the read-only commands that read it)
+    "runs deleted": ("DELETE FROM runs", "holds no runs, but this site shows earlier runs", ALL_READERS),
+    "runs table dropped": ("DROP TABLE runs", "is damaged: it has no table runs", ALL_READERS),
+    "events table dropped": ("DROP TABLE events", "is damaged: it has no table events", ALL_READERS),
+    "facts not JSON": ("UPDATE runs SET facts = '{broken' WHERE id = 2", "run 2 has facts that are not", ALL_READERS),
+    "facts a list": ("UPDATE runs SET facts = '[1]' WHERE id = 1", "run 1 has facts that are not", (("history",),)),
+    "unknown outcome": ("UPDATE runs SET outcome = 'weird' WHERE id = 2", "run 2 has the outcome 'weird'", ALL_READERS),
+    "time not a number": ("UPDATE runs SET started = 'x' WHERE id = 2", "run 2 has started 'x'", ALL_READERS),
+    "unknown step": ("UPDATE runs SET step = 'bogus' WHERE id = 1", "run 1 is at the step 'bogus'", ()),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CONTENT_DAMAGE))
+def test_a_journal_whose_contents_were_changed_is_refused_in_one_line_and_never_overwritten(
+    used_site: Site, damage: str
+) -> None:
+    # Given a site whose journal is intact for SQLite but holds what dropgate never writes
+    site = used_site
+    sql, expected, readers = CONTENT_DAMAGE[damage]
+    journal = site.state / "journal.db"
+    db = sqlite3.connect(journal)
+    db.execute(sql)
+    db.commit()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    before = journal.read_bytes()
+    # When the daemon starts
+    result = run_daemon(site)
+    # Then it refuses with exit 5 and one line naming what is wrong, and leaves the journal as it is
+    assert result.returncode == EXIT_NO_JOURNAL, result.stderr
+    assert "Traceback" not in result.stderr
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("dropgate: ")]
+    assert expected in message, message
+    assert "--fresh-journal" in message
+    assert journal.read_bytes() == before
+    # and the read-only commands that read the damaged part refuse the same way, never saying idle
+    for args in ALL_READERS:
+        status = site.cli(*args)
+        assert "Traceback" not in status.stderr, status.stderr
+        if args in readers:
+            assert status.returncode == EXIT_NO_JOURNAL, (args, status.stdout, status.stderr)
+            assert "idle" not in status.stdout
+            assert "is damaged" in status.stderr or "holds no runs" in status.stderr

@@ -89,6 +89,11 @@ def test_a_journal_from_before_the_fault_column_opens_and_gains_it(tmp_path: Pat
         " progress REAL, progress_message TEXT, error TEXT, platform_changed INTEGER NOT NULL DEFAULT 0,"
         " maintenance INTEGER NOT NULL DEFAULT 0, resolved REAL, resolved_note TEXT, retry_of INTEGER,"
         " facts TEXT NOT NULL DEFAULT '{}');"
+        # the other tables of the first release, as it created them
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),"
+        " ts REAL NOT NULL, step TEXT NOT NULL, message TEXT NOT NULL);"
+        "CREATE TABLE step_timings (run_id INTEGER NOT NULL REFERENCES runs(id), step TEXT NOT NULL,"
+        " started REAL NOT NULL, finished REAL NOT NULL, result TEXT NOT NULL);"
         "INSERT INTO runs (archive, path, sha256, outcome, arrived) VALUES ('gts.1.1.tgz', 'x', 'abc', 'rejected', 1);"
     )
     old.commit()
