@@ -28,13 +28,10 @@ at most 50 ms; the usual way's window at least 50 times dropgate's.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
-import tempfile
-import time
 from pathlib import Path
 
+import harness
 import sites
 
 OVERHEAD_TARGET = 0.050
@@ -48,9 +45,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary one, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dropgate-downtime-", dir=args.dir))
     size = args.size_mib * 2**20
-    try:
+    with harness.work_folder("dropgate-downtime-", args.dir, args.keep) as work:
         print(f"building release 1.0.0 and {args.repeat} updates: {args.size_mib} MiB in {args.files} files each ...")
         installed = work / "build" / "installed"
         sites.make_release(installed, "1.0.0", size, args.files, seed=1)
@@ -102,15 +98,7 @@ def main() -> int:
             print(f"  {name:32}{seconds:>12.2f} s")
         print(f"dropgate's whole update (drop to succeeded): {statistics.median(watched_totals):.1f} s")
         return 0 if overhead <= OVERHEAD_TARGET else 1
-    finally:
-        if args.keep:
-            print(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
-    code = main()
-    print(f"(bench took {time.perf_counter() - started:.0f} s)")
-    sys.exit(code)
+    harness.exit_timed(main)

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402
 import trustme  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
@@ -88,17 +89,6 @@ class Measure:
     inside: float = 0.0  # dropgate: seconds inside download(), without the interpreter's start (the daemon's case)
 
 
-def _high_water(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
 def run_child(argv: list[str]) -> Measure:
     """Run `argv` to completion: its wall time, peak RSS (VmHWM sampled every few ms) and CPU time."""
     started = time.perf_counter()
@@ -108,7 +98,7 @@ def run_child(argv: list[str]) -> Measure:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        peak = max(peak, _high_water(proc.pid))
+        peak = max(peak, harness.high_water(proc.pid))
         time.sleep(0.005)
     seconds = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)

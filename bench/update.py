@@ -28,13 +28,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import statistics
-import sys
-import tempfile
-import time
 from pathlib import Path
 
+import harness
 import sites
 
 STEPS = ("validate", "prereq", "backup", "maintenance", "apply", "verify")
@@ -62,9 +59,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary one, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dropgate-update-", dir=args.dir))
     release = args.release_mib * 2**20
-    try:
+    with harness.work_folder("dropgate-update-", args.dir, args.keep) as work:
         print(
             f"building: data {args.data_mib} MiB in {args.files} files; release 1.0.0 and "
             f"{args.repeat + 1} updates of {args.release_mib} MiB in {args.files} files ...",
@@ -131,15 +127,7 @@ def main() -> int:
             f"1/{usual_total / downtime:.0f} of it (target <= 1/50); slowest step: {slowest}"
         )
         return 0 if total <= usual_total and downtime * 50 <= usual_total else 1
-    finally:
-        if args.keep:
-            print(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    began = time.perf_counter()
-    code = main()
-    print(f"(bench took {time.perf_counter() - began:.0f} s)")
-    sys.exit(code)
+    harness.exit_timed(main)

@@ -53,6 +53,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402
+
 from pipeline.archive import pack  # noqa: E402
 from pipeline.demo import drop_archive, running_daemon, wait_for_run  # noqa: E402
 from pipeline.signing import SigningKey, generate_keypair, load_signing_key  # noqa: E402
@@ -82,18 +84,6 @@ class Measure:
     peak_rss: int  # bytes
 
 
-def _high_water(pid: int) -> int:
-    """The process's peak resident set size so far (VmHWM of its current program), in bytes."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
 def run_child(argv: list[str]) -> Measure:
     """Run `argv` to completion; its wall time and peak resident set size.
 
@@ -104,7 +94,7 @@ def run_child(argv: list[str]) -> Measure:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _high_water(proc.pid))
+        peak = max(peak, harness.high_water(proc.pid))
         time.sleep(0.005)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
@@ -282,12 +272,12 @@ def _through_daemon(folder: Path, archive: Path) -> tuple[str, float, int, int]:
     config = folder / "dropgate.yaml"
     with running_daemon(config, folder / "state", folder / "daemon.log") as daemon:
         time.sleep(2)
-        idle = _high_water(daemon.pid)
+        idle = harness.high_water(daemon.pid)
         started = time.perf_counter()
         drop_archive(archive, folder / "inbox")
         run = wait_for_run(folder / "state" / "journal.db", archive.name, timeout=7200)
         seconds = time.perf_counter() - started
-        peak = _high_water(daemon.pid)
+        peak = harness.high_water(daemon.pid)
     outcome = run.outcome or "?"
     if run.error:
         outcome += f": {run.error[:90]}"

@@ -26,8 +26,8 @@ from pydantic import (
     field_validator,
 )
 
-from pipeline.errors import ConfigError, NotAllowed
-from pipeline.quickconfig import DEFAULT_CONFIG_PATH, config_path  # noqa: F401 (here since the schema was)
+from pipeline.errors import ConfigError
+from pipeline.quickconfig import DEFAULT_CONFIG_PATH, config_path, reading_config  # noqa: F401 (here since the schema was)
 
 STEPS = ("validate", "prereq", "approval", "window", "backup", "maintenance", "apply", "verify")
 
@@ -479,14 +479,8 @@ def parse_config(raw: Any, *, base: Path, source: str = "") -> Config:
 
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path`."""
-    try:
+    with reading_config(path):
         text = path.read_text(encoding="utf-8")
-    except PermissionError as error:
-        raise NotAllowed(
-            f"cannot read the configuration {path}: permission denied (it is for root and the admin group)"
-        ) from error
-    except OSError as error:
-        raise ConfigError([f"cannot read the configuration: {error.strerror}"], str(path)) from error
     return config_from_text(text, path)
 
 

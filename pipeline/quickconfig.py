@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,15 +234,22 @@ def config_path(explicit: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
-def _read(path: Path) -> bytes:
+@contextlib.contextmanager
+def reading_config(path: Path) -> Iterator[None]:
+    """Around reading the configuration file at `path`: what fails, as the operator's one-line message."""
     try:
-        return path.read_bytes()
+        yield
     except PermissionError as error:
         raise NotAllowed(
             f"cannot read the configuration {path}: permission denied (it is for root and the admin group)"
         ) from error
     except OSError as error:
         raise ConfigError([f"cannot read the configuration: {error.strerror}"], str(path)) from error
+
+
+def _read(path: Path) -> bytes:
+    with reading_config(path):
+        return path.read_bytes()
 
 
 def _key(path: Path, data: bytes) -> dict[str, Any]:

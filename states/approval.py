@@ -7,6 +7,8 @@ a run that waits longer than that for its approval is rejected with that reason.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline.config import Config, format_duration
@@ -21,19 +23,25 @@ def required(config: Config, facts: dict[str, Any]) -> bool:
     return config.policy.require_approval
 
 
-def refuse_if_rejected(ctx: StepContext) -> None:
-    """Raise RejectedByOperator when an operator rejected the run (the runner records it in the facts)."""
-    who = ctx.facts.get("rejected_by")
-    if who:
-        raise RejectedByOperator(f"rejected by the operator {who}: {ctx.facts.get('rejected_note') or '(no note)'}")
+@contextlib.contextmanager
+def ended_by_rejection(ctx: StepContext) -> Iterator[None]:
+    """Around a wait: when an operator's rejection is what stopped it, raise RejectedByOperator instead.
+
+    The runner records who rejected the run, and the note, in the facts; any other abort passes through.
+    """
+    try:
+        yield
+    except StepAborted as aborted:
+        who = ctx.facts.get("rejected_by")
+        if who:
+            note = ctx.facts.get("rejected_note") or "(no note)"
+            raise RejectedByOperator(f"rejected by the operator {who}: {note}") from aborted
+        raise
 
 
 def run(ctx: StepContext) -> None:
-    try:
+    with ended_by_rejection(ctx):
         _wait_for_approval(ctx)
-    except StepAborted:
-        refuse_if_rejected(ctx)  # the rejection is what stopped the wait
-        raise
 
 
 def _wait_for_approval(ctx: StepContext) -> None:

@@ -14,9 +14,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.context import StepContext
-from pipeline.errors import StepAborted
 from pipeline.schedule import Window, local_text, next_opening, policy_windows, time_left, zone, zone_name
-from states.approval import refuse_if_rejected
+from states.approval import ended_by_rejection
 
 POLL_SECONDS = 5.0
 
@@ -32,11 +31,8 @@ def required(config: Config, facts: dict[str, Any]) -> bool:
 
 
 def run(ctx: StepContext) -> None:
-    try:
+    with ended_by_rejection(ctx):
         _wait_for_window(ctx)
-    except StepAborted:
-        refuse_if_rejected(ctx)  # the rejection is what stopped the wait
-        raise
 
 
 def _wait_for_window(ctx: StepContext) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from pipeline.archive import pack, write_build_dir
 from pipeline.sample_platform import release_files, service_commands, write_release
 from pipeline.signing import generate_keypair
-from tests.conftest import ROOT, Site, cannot_run, deep_merge, free_port, require_tool, wait_for
+from tests.conftest import ROOT, Site, cannot_run, deep_merge, free_port, require_tool
+from tests.servers import make_ssh_keys, start_sshd, stop_process, throwaway_sshd_config
 
 ANSIBLE = ROOT / "deploy" / "ansible"
 ROLLOUT = ANSIBLE / "rollout.yml"
@@ -46,13 +44,6 @@ def ansible_playbook() -> str:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return require_tool("ansible-playbook")
-
-
-def sbin_tool(name: str) -> str:
-    sbin = Path("/usr/sbin") / name
-    if shutil.which(name) is None and os.access(sbin, os.X_OK):
-        return str(sbin)
-    return require_tool(name)
 
 
 class FleetSite:
@@ -125,46 +116,15 @@ class SshLogin:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.port = free_port()
-        keygen = sbin_tool("ssh-keygen")
         require_tool("ssh")
-        self.host_key = folder / "ssh_host_ed25519_key"
-        self.user_key = folder / "id_ed25519"
-        for key in (self.host_key, self.user_key):
-            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
-        (folder / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
-        host_public = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
-        self.known_hosts = folder / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_public}\n")
-        # A throwaway server: root by key only, keys under /tmp (StrictModes would refuse them), no PAM.
+        keys = make_ssh_keys(folder, self.port)
+        self.host_key, self.user_key, self.known_hosts = keys.host_key, keys.user_key, keys.known_hosts
         config = folder / "sshd_config"
-        config.write_text("\n".join([
-            f"Port {self.port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {self.host_key}",
-            "PidFile none",
-            f"AuthorizedKeysFile {folder / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "StrictModes no",
-            "UsePAM no",
-            "Subsystem sftp internal-sftp",
-            "",
-        ]))
-        sshd = sbin_tool("sshd")
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation folder; made by the ssh service
-        checked = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0, checked.stderr
+        config.write_text(
+            throwaway_sshd_config(self.port, keys) + "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        )
         self.log_path = folder / "sshd.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._listening, timeout=30, what="sshd to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"sshd exited with {self.proc.returncode}:\n{self.log_path.read_text(errors='replace')}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+        self.proc = start_sshd(config, self.port, self.log_path)
 
     def host_vars(self) -> dict[str, Any]:
         return {
@@ -183,13 +143,7 @@ class SshLogin:
         }
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=20)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tests.console_helpers import (
     signin_error,
     wait_console,
 )
+from tests.servers import self_signed
 
 REFUSED = "Sign-in refused: the account name or the password is wrong, or this account may not update the platform."
 
@@ -495,7 +496,7 @@ def test_the_daemon_refuses_a_console_off_loopback_without_tls(site: Site, liste
 def test_with_tls_the_cookie_is_secure_and_the_console_answers_https_only(
     site: Site, accounts: Accounts, tmp_path: Path
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     port = start_tls(site, accounts, cert, key)
     trust = ssl.create_default_context(cafile=str(cert))
     with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust, follow_redirects=False) as http:
@@ -527,48 +528,22 @@ def start_tls(site: Site, accounts: Accounts, cert: Path, key: Path) -> int:
     return port
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "console.crt", folder / "console.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
-def test_sigterm_stops_the_daemon_during_an_upload_and_the_part_is_removed(site: Site, accounts: Accounts) -> None:
+def _half_an_upload(site: Site, accounts: Accounts) -> tuple[int, bytes]:
+    """The console's port, with the administrator signed in, and the first half of a 4 MiB import request."""
     port = start(site, accounts)
     with client(port) as http:
         assert http.sign_in(accounts.admin, accounts.admin_password).status_code == 303
         token = http.csrf("/import")
         cookie = http.http.cookies["dropgate_console"]
     body = _multipart(token, "gts.1.0.1.tgz", bytes(4 * 2**20))
+    return port, _raw_request(port, cookie, len(body)) + body[: len(body) // 2]
+
+
+def test_sigterm_stops_the_daemon_during_an_upload_and_the_part_is_removed(site: Site, accounts: Accounts) -> None:
+    port, half = _half_an_upload(site, accounts)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         # Given an upload that is half sent and then stalls
-        conn.sendall(_raw_request(port, cookie, len(body)) + body[: len(body) // 2])
+        conn.sendall(half)
         wait_for((site.inbox / "gts.1.0.1.tgz.part").exists, what="the .part to be written")
         # When the daemon is told to stop, Then it stops (within the fixture's deadline) and keeps nothing
         assert site.daemons[0].stop(timeout=30) == 0
@@ -576,16 +551,11 @@ def test_sigterm_stops_the_daemon_during_an_upload_and_the_part_is_removed(site:
 
 
 def test_a_part_left_by_a_killed_daemon_is_removed_at_the_next_start(site: Site, accounts: Accounts) -> None:
-    port = start(site, accounts)
-    with client(port) as http:
-        assert http.sign_in(accounts.admin, accounts.admin_password).status_code == 303
-        token = http.csrf("/import")
-        cookie = http.http.cookies["dropgate_console"]
-    body = _multipart(token, "gts.1.0.1.tgz", bytes(4 * 2**20))
+    port, half = _half_an_upload(site, accounts)
     (site.inbox / "gts.1.0.2.tgz.part").write_bytes(b"someone else's upload, not the console's")
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         # Given an upload half sent when the daemon is killed (nothing of it can clean up)
-        conn.sendall(_raw_request(port, cookie, len(body)) + body[: len(body) // 2])
+        conn.sendall(half)
         part = site.inbox / "gts.1.0.1.tgz.part"
         wait_for(lambda: part.exists() and part.stat().st_size > 0, what="the .part to be written")
         site.daemons[0].kill()

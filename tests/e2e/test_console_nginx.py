@@ -9,49 +9,16 @@ platform answers 503 while the console signs in, shows the run and follows it.
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Site, cannot_run, free_port, wait_for
+from tests.conftest import Site, wait_for
 from tests.console_helpers import Accounts, console_config, wait_console
-
-SNIPPET = ROOT / "deploy" / "nginx" / "dropgate-maintenance.conf"
-
-
-class Platform:
-    """The platform behind nginx: answers every GET."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = b"the platform\n"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+from tests.servers import PlatformBackend, maintenance_nginx
 
 
 @dataclass
@@ -60,61 +27,17 @@ class Nginx:
     flag: Path
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found is None:
-        cannot_run("nginx is not installed")
-    return found
-
-
 @pytest.fixture
 def nginx(site: Site, accounts: Accounts, tmp_path: Path) -> Iterator[Nginx]:
-    binary = nginx_binary()
     console_port = console_config(site, accounts)
-    folder = tmp_path / "nginx"
-    (folder / "page").mkdir(parents=True)
-    shutil.copy(ROOT / "deploy" / "nginx" / "maintenance.html", folder / "page" / "maintenance.html")
     flag = site.root / "run" / "maintenance"
-    snippet = SNIPPET.read_text()
-    for shipped, here in (
-        ("/run/dropgate/maintenance", str(flag)),
-        ("root /opt/dropgate/share/nginx;", f"root {folder / 'page'};"),
-        ("127.0.0.1:9108", f"127.0.0.1:{site.port}"),
-        ("127.0.0.1:9109", f"127.0.0.1:{console_port}"),
-    ):
-        assert shipped in snippet, shipped
-        snippet = snippet.replace(shipped, here)
-    (folder / "dropgate.conf").write_text(snippet)
-    platform = Platform()
-    port = free_port()
-    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in kinds)
-    (folder / "nginx.conf").write_text(
-        # master_process off: one process, no workers, no user switch; for a test server only
-        f"daemon off;\nmaster_process off;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'} warn;\n"
-        "events { worker_connections 64; }\n"
-        "http {\n    access_log off;\n" + temp + "\n"
-        f"    server {{\n        listen 127.0.0.1:{port};\n"
-        f"        include {folder / 'dropgate.conf'};\n"
-        f"        location / {{ proxy_pass http://127.0.0.1:{platform.port}; }}\n    }}\n}}\n"
-    )
-    command = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")]
-    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    platform = PlatformBackend(b"the platform\n")
     try:
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited: {(folder / 'error.log').read_text()}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, timeout=30, what="nginx to listen")
-        yield Nginx(f"http://127.0.0.1:{port}", flag)
+        with maintenance_nginx(
+            tmp_path / "nginx", flag, {9108: site.port, 9109: console_port}, platform.port
+        ) as url:
+            yield Nginx(url, flag)
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
         platform.stop()
 
 

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import re
-import signal
-import subprocess
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +24,7 @@ import yaml
 
 from tests.conftest import ROOT, free_port, require_tool, wait_for
 from tests.fleet import Fleet, Rollout
+from tests.servers import PrometheusServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -146,14 +142,12 @@ def test_a_rollout_in_three_waves_brings_every_site_to_the_new_version_and_a_rer
 # -- a site fails in the second wave ------------------------------------------------------------
 
 
-class FleetPrometheus:
+class FleetPrometheus(PrometheusServer):
     """A real Prometheus configured as prometheus.fleet.example.yml says, on loopback, with short intervals."""
 
     def __init__(self, folder: Path, fleet: Fleet) -> None:
         binary = require_tool("prometheus")
         folder.mkdir()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         # The shipped alert rules with `for:` cut to 2s (the promtool tests check the durations);
         # the fleet rules as shipped.
         alerts = yaml.safe_load((PROMETHEUS / "dropgate.rules.yml").read_text())
@@ -177,29 +171,12 @@ class FleetPrometheus:
         assert set(example[0]) == {"targets", "labels"} and "site" in example[0]["labels"]
         targets = [{"targets": [f"127.0.0.1:{site.port}"], "labels": {"site": site.name}} for site in fleet.sites]
         (sites / "test-fleet.yml").write_text(yaml.safe_dump(targets))
-        self.log_path = folder / "prometheus.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-            )
-        wait_for(lambda: self._get("/-/ready") is not None, timeout=60, what="prometheus to be ready")
-
-    def _get(self, path: str, **params: str) -> Any:
-        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                body = response.read()
-        except OSError:
-            if self.proc.poll() is not None:
-                pytest.fail(f"prometheus exited: {self.log_path.read_text(errors='replace')[-3000:]}")
-            return None
-        return json.loads(body)["data"] if path.startswith("/api/") else body
+        super().__init__(binary, folder, free_port())
+        wait_for(lambda: self.get("/-/ready") is not None, timeout=60, what="prometheus to be ready")
 
     def values(self, expr: str, label: str) -> dict[str, float]:
         """An instant query's samples by the value of one label."""
-        data = self._get("/api/v1/query", query=expr) or {"result": []}
+        data = self.get("/api/v1/query", query=expr) or {"result": []}
         return {sample["metric"].get(label, ""): float(sample["value"][1]) for sample in data["result"]}
 
     def settled(self, expr: str, label: str, expected: dict[str, float]) -> bool:
@@ -207,21 +184,12 @@ class FleetPrometheus:
         return self.values(expr, label) == expected
 
     def firing(self) -> dict[str, set[str]]:
-        data = self._get("/api/v1/alerts") or {"alerts": []}
+        data = self.get("/api/v1/alerts") or {"alerts": []}
         fired: dict[str, set[str]] = {}
         for alert in data["alerts"]:
             if alert["state"] == "firing":
                 fired.setdefault(alert["labels"]["alertname"], set()).add(alert["labels"].get("site", ""))
         return fired
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -84,7 +84,9 @@ def populate(site: Site) -> Path:
 
 
 def assert_killed_and_recorded(site: Site, orphan: Orphan, run_id: int, label: str) -> str:
-    """The orphan is dead (its whole session), and the run's events name it, its pid and how long it ran."""
+    """The run ended interrupted, the orphan is dead (its whole session), and the run's events name it,
+    its pid and how long it ran."""
+    assert site.wait_outcome(run_id)["outcome"] == "interrupted"
     pid = orphan.pid
     assert not orphan.alive(), f"the orphan {pid} survived the restart"
     assert session_members(pid) == []
@@ -131,8 +133,6 @@ def test_a_hook_or_migration_left_running_is_killed_at_restart_and_the_rollback_
     assert orphan.alive()  # an orphan indeed, until the restart
     site.start_daemon()
     # Then the run is interrupted, the command was killed before anything else, and the events say so
-    run = site.wait_outcome(1)
-    assert run["outcome"] == "interrupted"
     assert_killed_and_recorded(site, orphan, 1, label)
     events = [e["message"] for e in site.show(1)["events"]]
     killed_at = next(i for i, m in enumerate(events) if m.startswith("killed "))
@@ -161,8 +161,6 @@ def test_a_service_stop_left_running_is_killed_and_the_rollback_starts_the_servi
     start_then_kill_when(site, orphan, site.pack("1.1.0"))
     before = tree_digest(site.data)  # nothing changed the data so far
     site.start_daemon()
-    run = site.wait_outcome(1)
-    assert run["outcome"] == "interrupted"
     assert_killed_and_recorded(site, orphan, 1, "stop 1/1")
     # Then the rollback starts the services and removes the flag, and the data stays as it was
     result = site.cli("rollback", "1")
@@ -195,8 +193,6 @@ def test_a_restore_left_running_is_killed_and_the_operators_rollback_restores_th
     # When the daemon dies while the restore runs, and starts again
     start_then_kill_when(site, orphan, archive)
     site.start_daemon()
-    run = site.wait_outcome(1)
-    assert run["outcome"] == "interrupted"
     assert_killed_and_recorded(site, orphan, 1, "restore db")
     # Then the operator's rollback restores the data and the database, and they stay restored
     result = site.cli("rollback", "1")
@@ -218,8 +214,6 @@ def test_a_dump_left_running_is_killed_and_nothing_needs_rolling_back(site: Site
     before = tree_digest(site.data)
     site.start_daemon()
     # Then the dump is dead and recorded; the run changed nothing, so a rollback refuses and says why
-    run = site.wait_outcome(1)
-    assert run["outcome"] == "interrupted"
     assert_killed_and_recorded(site, orphan, 1, "dump db")
     refused = site.cli("rollback", "1")
     assert refused.returncode == 1

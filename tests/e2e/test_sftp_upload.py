@@ -21,8 +21,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -32,20 +30,13 @@ from pathlib import Path
 import pytest
 
 from tests.archive_helpers import ArchiveSite
-from tests.conftest import ROOT, Site, cannot_run, free_port, require_tool, wait_for
+from tests.conftest import ROOT, Site, cannot_run, free_port, wait_for
 from tests.integration.test_strict_format import CASES, DAEMON_SAMPLE
 from tests.integration.test_strict_format import NAME as STRICT_NAME
+from tests.servers import make_ssh_keys, sbin_tool, start_sshd, stop_process, throwaway_sshd_config
 
 DROP_IN = ROOT / "deploy" / "sshd" / "dropgate-inbox.conf"
 PAYLOAD_BYTES = 3 * 2**20  # incompressible: the archive is as long, so half of it is a real partial upload
-
-
-def tool(name: str) -> str:
-    """A system tool, also found in /usr/sbin (sshd) when that is not on PATH."""
-    sbin = Path("/usr/sbin") / name
-    if shutil.which(name) is None and os.access(sbin, os.X_OK):
-        return str(sbin)
-    return require_tool(name)
 
 
 def closed_to_others(path: Path) -> bool:
@@ -89,15 +80,8 @@ class Sshd:
     def __init__(self, folder: Path, chroot: Path, *, allow_links: bool = False) -> None:
         self.folder = folder
         self.port = free_port()
-        keygen = tool("ssh-keygen")
-        self.host_key = folder / "ssh_host_ed25519_key"
-        self.user_key = folder / "id_ed25519"
-        for key in (self.host_key, self.user_key):
-            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
-        (folder / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
-        host_public = " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
-        self.known_hosts = folder / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_public}\n")
+        keys = make_ssh_keys(folder, self.port)
+        self.host_key, self.user_key, self.known_hosts = keys.host_key, keys.user_key, keys.known_hosts
 
         drop_in = DROP_IN.read_text()
         assert "Match Group dropgate-upload\n" in drop_in
@@ -107,37 +91,10 @@ class Sshd:
         if allow_links:  # a site that relaxed the drop-in: dropgate itself must still hold
             assert " -P symlink,hardlink " in drop_in
             drop_in = drop_in.replace(" -P symlink,hardlink ", " ")
-        header = "\n".join([
-            f"Port {self.port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {self.host_key}",
-            "PidFile none",
-            f"AuthorizedKeysFile {folder / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password",
-            "StrictModes no",
-            "UsePAM no",
-            "Subsystem sftp internal-sftp",
-            "",
-        ])
         self.config = folder / "sshd_config"
-        self.config.write_text(header + drop_in)
+        self.config.write_text(throwaway_sshd_config(self.port, keys) + drop_in)
         self.log_path = folder / "sshd.log"
-        sshd = tool("sshd")
-        # The privilege separation folder; the ssh service creates it at boot, a host where it never ran lacks it.
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        checked = subprocess.run([sshd, "-t", "-f", str(self.config)], capture_output=True, text=True, timeout=30)
-        assert checked.returncode == 0, checked.stderr
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sshd, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for(self._listening, timeout=30, what="sshd to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"sshd exited with {self.proc.returncode}:\n{self.log()}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+        self.proc = start_sshd(self.config, self.port, self.log_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -157,24 +114,18 @@ class Sshd:
         batch = self.folder / "batch"
         batch.write_text("\n".join(commands) + "\n")
         return subprocess.run(
-            [tool("sftp"), "-b", str(batch), "-P", str(self.port), *self.client_options(), "root@127.0.0.1"],
+            [sbin_tool("sftp"), "-b", str(batch), "-P", str(self.port), *self.client_options(), "root@127.0.0.1"],
             capture_output=True, text=True, timeout=120,
         )
 
     def ssh(self, *command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [tool("ssh"), "-p", str(self.port), *self.client_options(), "root@127.0.0.1", *command],
+            [sbin_tool("ssh"), "-p", str(self.port), *self.client_options(), "root@127.0.0.1", *command],
             capture_output=True, text=True, timeout=60,
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=20)
 
 
 @pytest.fixture

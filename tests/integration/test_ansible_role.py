@@ -28,7 +28,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, cannot_run, require_tool
-from tests.fleet import ANSIBLE, ansible_playbook, sbin_tool
+from tests.deploy_files import OVERLAY_SYSTEM, assert_installed_layout
+from tests.fleet import ANSIBLE, ansible_playbook
+from tests.servers import sbin_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -226,13 +228,7 @@ def test_the_role_installs_a_site_in_a_scratch_root_and_a_second_run_changes_not
 IN_NAMESPACE = r"""
 set -eu
 out=$1 scratch=$2 playbook=$3 inventory=$4 extra=$5
-# Everything the role touches is overlaid on a tmpfs that vanishes with this namespace.
-mount -t tmpfs dropgate-role-test "$scratch" || exit 97
-for folder in etc opt usr var run; do
-    mkdir -p "$scratch/$folder/upper" "$scratch/$folder/work"
-    mount -t overlay overlay \
-        -o "lowerdir=/$folder,upperdir=$scratch/$folder/upper,workdir=$scratch/$folder/work" "/$folder" || exit 97
-done
+""" + OVERLAY_SYSTEM + r"""
 mkdir -p /run/sshd
 for name in first second; do
     ansible-playbook -i "$inventory" "$playbook" -e "@$extra" > "$out/$name.txt" 2>&1 ||
@@ -294,17 +290,7 @@ def test_the_role_with_the_production_paths_makes_what_install_sh_makes_and_then
     assert result.returncode == 0, result.stderr + "\n".join(text[-3000:] for text in runs.values())
     # Then the first run made the groups, and the folders with the owners and modes install.sh gives them
     assert recap(runs["first"], "scratch")["changed"] > 10
-    assert (out / "groups.txt").read_text().split() == ["dropgate-admin", "dropgate-upload"]
-    assert (out / "modes.txt").read_text().splitlines() == [
-        "/var/lib/dropgate 755 root root",
-        "/var/lib/dropgate/inbox 3770 root dropgate-upload",
-        "/var/lib/dropgate/state 2750 root dropgate-admin",
-        "/var/backups/dropgate 700 root root",
-        "/run/dropgate 755 root root",
-        "/etc/dropgate 750 root dropgate-admin",
-        "/etc/dropgate/dropgate.yaml 640 root dropgate-admin",
-    ]
-    assert (out / "link.txt").read_text().strip() == "/opt/dropgate/venv/bin/dropgate"
+    assert_installed_layout(out)
     # its configuration, at the default path, is valid
     assert (out / "check.txt").read_text().strip() == "configuration OK: /etc/dropgate/dropgate.yaml"
     if (out / "verify.txt").exists():  # the shipped unit with the role's drop-in

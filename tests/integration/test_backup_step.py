@@ -125,6 +125,14 @@ def test_a_second_backup_shares_unchanged_files_and_prunes_beyond_keep(tmp_path:
     assert recorder.events[-1] == "pruned the snapshots of run 2"
 
 
+def assert_short_of_space(message: str, backups: Path, *, more_than: int) -> None:
+    """The refusal before writing: it names the backups folder and says how many bytes are missing."""
+    assert f"not enough space for the backup in {backups}: " in message
+    found = re.search(r", ([\d,]+) bytes missing", message)
+    assert found is not None, message
+    assert int(found.group(1).replace(",", "")) > more_than
+
+
 def test_not_enough_space_fails_before_writing_naming_the_path_and_missing_bytes(
     tmp_path: Path, small_fs: Path
 ) -> None:
@@ -137,10 +145,7 @@ def test_not_enough_space_fails_before_writing_naming_the_path_and_missing_bytes
         backup.run(ctx)
 
     message = str(caught.value)
-    assert f"not enough space for the backup in {small_fs / 'backups'}" in message
-    found = re.search(r", ([\d,]+) bytes missing", message)
-    assert found is not None, message
-    assert int(found.group(1).replace(",", "")) > 4 * 2**20
+    assert_short_of_space(message, small_fs / "backups", more_than=4 * 2**20)
     assert "\n" not in message
     assert os.listdir(small_fs / "backups") == []
     assert [tree_digest_live(path) for path in data] == before
@@ -459,9 +464,6 @@ def test_a_later_backup_that_no_longer_fits_stops_before_the_disk_is_full(tmp_pa
         backup.run(second)
 
     message = str(caught.value)
-    assert f"not enough space for the backup in {backups}: " in message
-    found = re.search(r", ([\d,]+) bytes missing", message)
-    assert found is not None, message
-    assert int(found.group(1).replace(",", "")) > 4 * 2**20
+    assert_short_of_space(message, backups, more_than=4 * 2**20)
     assert "filled while" not in message  # it never wrote until the disk was full
     assert sorted(os.listdir(backups)) == ["1"]

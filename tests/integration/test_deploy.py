@@ -21,26 +21,22 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from pipeline.metrics import Metrics
 from tests.conftest import ROOT, Site, cannot_run, free_port, require_tool, wait_for
+from tests.deploy_files import OVERLAY_SYSTEM, assert_installed_layout, dashboard_queries, exported_names
+from tests.servers import PlatformBackend, PrometheusServer, maintenance_nginx, sbin_tool
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "dropgate.rules.yml"
@@ -55,14 +51,6 @@ ALERTS = {
     "DropgateNoRecentSuccess",
     "DropgateFeedChecksFailing",
 }
-
-
-def sbin_tool(name: str) -> str:
-    """A system tool, also found in /usr/sbin (sshd), which is not on every user's PATH."""
-    sbin = Path("/usr/sbin") / name
-    if shutil.which(name) is None and os.access(sbin, os.X_OK):
-        return str(sbin)
-    return require_tool(name)
 
 
 # -- alert rules, offline --------------------------------------------------------------
@@ -125,12 +113,10 @@ def test_the_example_scrape_config_is_valid(tmp_path: Path) -> None:
 # -- alert rules, live: a real Prometheus scraping a real daemon ---------------------------
 
 
-class Prometheus:
+class Prometheus(PrometheusServer):
     """A Prometheus server on loopback with its own data folder; stopped by the fixture."""
 
     def __init__(self, binary: str, folder: Path, target: str, rules: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         config = {
             # Short intervals so that a state change shows within seconds.
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -138,32 +124,7 @@ class Prometheus:
             "scrape_configs": [{"job_name": "dropgate", "static_configs": [{"targets": [target]}]}],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log_path = folder / "prometheus.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={folder / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={folder / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
-                ],
-                stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                body = response.read()
-        except OSError:
-            if self.proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            return None
-        return json.loads(body)["data"] if path.startswith("/api/") else body
+        super().__init__(binary, folder, free_port())
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/query", query=expr)["result"])
@@ -184,15 +145,6 @@ class Prometheus:
         """Whether every rule group has been evaluated after `moment` (RFC 3339 in the API)."""
         groups = self.get("/api/v1/rules")["groups"]
         return bool(groups) and all(rfc3339(group["lastEvaluation"]) > moment for group in groups)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def rfc3339(text: str) -> float:
@@ -424,31 +376,10 @@ CONTRACT = {
 }
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every query in the dashboard, including its template variables."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            queries.append((f"${variable['name']}", variable["definition"]))
-    return queries
-
-
-def exported_names() -> set[str]:
-    """The sample names the daemon's metrics produce, from the same Metrics class the daemon registers."""
-    registry = CollectorRegistry()
-    Metrics(registry)
-    suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"]}
-    names = set()
-    for family in registry.collect():
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
-    return names
-
-
 def test_the_dashboard_uses_only_metrics_the_daemon_exports_and_shows_every_contract_metric() -> None:
     exported = exported_names()
     used: set[str] = set()
-    for title, expr in dashboard_queries():
+    for title, expr in dashboard_queries(DASHBOARD):
         names = set(re.findall(r"\bdropgate_[a-z_]+", expr))
         unknown = names - exported
         assert not unknown, f"panel {title!r} queries metrics the daemon does not export: {unknown}"
@@ -476,7 +407,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     # Given each query as a recording rule, with Grafana's variables filled in as Grafana would
     values = {"$instance": ".*", "$step": ".*", "$__range": "7d", "$__rate_interval": "1m", "$__interval": "30s"}
     rules = []
-    for number, (_title, query) in enumerate(dashboard_queries()):
+    for number, (_title, query) in enumerate(dashboard_queries(DASHBOARD)):
         expr = query
         if expr.startswith("label_values("):
             expr = expr.removeprefix("label_values(").partition(",")[0].strip()
@@ -555,13 +486,7 @@ def test_install_usage_errors_exit_2() -> None:
 IN_NAMESPACE = r"""
 set -eu
 out=$1 source=$2 scratch=$3
-# Everything the installer touches is overlaid on a tmpfs that vanishes with this namespace.
-mount -t tmpfs dropgate-install-test "$scratch" || exit 97
-for folder in etc opt usr var run; do
-    mkdir -p "$scratch/$folder/upper" "$scratch/$folder/work"
-    mount -t overlay overlay \
-        -o "lowerdir=/$folder,upperdir=$scratch/$folder/upper,workdir=$scratch/$folder/work" "/$folder" || exit 97
-done
+""" + OVERLAY_SYSTEM + r"""
 # sshd -t (run by the installer) wants the folder the ssh service makes when it starts; no ssh service runs here.
 mkdir -p /run/sshd
 "$source/deploy/install.sh" > "$out/first.txt" 2>&1 || { echo "exit status $?" >> "$out/first.txt"; exit 1; }
@@ -602,17 +527,7 @@ def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_n
     first = (out / "first.txt").read_text()
     assert result.returncode == 0, result.stderr + first + (out / "second.txt").read_text()
     # Then the first run installed everything, with the owners and modes of the tmpfiles entries
-    assert (out / "groups.txt").read_text().split() == ["dropgate-admin", "dropgate-upload"]
-    assert (out / "modes.txt").read_text().splitlines() == [
-        "/var/lib/dropgate 755 root root",
-        "/var/lib/dropgate/inbox 3770 root dropgate-upload",
-        "/var/lib/dropgate/state 2750 root dropgate-admin",
-        "/var/backups/dropgate 700 root root",
-        "/run/dropgate 755 root root",
-        "/etc/dropgate 750 root dropgate-admin",
-        "/etc/dropgate/dropgate.yaml 640 root dropgate-admin",
-    ]
-    assert (out / "link.txt").read_text().strip() == "/opt/dropgate/venv/bin/dropgate"
+    assert_installed_layout(out)
     assert "usage: dropgate" in (out / "help.txt").read_text()
     # and the console's PAM service, the stacks of this host's family named in it
     assert (out / "pam-mode.txt").read_text().split() == ["644", "root", "root"]
@@ -634,35 +549,6 @@ def test_install_for_real_twice_in_a_throwaway_root_and_the_second_run_changes_n
 
 # -- nginx ---------------------------------------------------------------------------------------
 
-NGINX_SNIPPET = DEPLOY / "nginx" / "dropgate-maintenance.conf"
-
-
-class Backend:
-    """The platform behind nginx: answers every GET with its version."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = b"the platform, release 1.0.0\n"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 def http_get(url: str) -> tuple[int, dict[str, str], str]:
     request = urllib.request.Request(url)
     opener = urllib.request.build_opener(NoRedirect())
@@ -681,48 +567,12 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 @pytest.fixture
 def nginx(site: Site, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A real nginx on loopback with the shipped snippet; yields its URL and the maintenance flag's path."""
-    binary = sbin_tool("nginx")
-    folder = tmp_path / "nginx"
-    (folder / "page").mkdir(parents=True)
-    shutil.copy(DEPLOY / "nginx" / "maintenance.html", folder / "page" / "maintenance.html")
     flag = site.root / "run" / "maintenance"  # the site's maintenance.flag_file
-    # The test copy changes only the three site-specific paths: the flag, the page's folder, metrics.listen.
-    snippet = NGINX_SNIPPET.read_text()
-    for shipped, here in (("/run/dropgate/maintenance", str(flag)),
-                          ("root /opt/dropgate/share/nginx;", f"root {folder / 'page'};"),
-                          ("127.0.0.1:9108", f"127.0.0.1:{site.port}")):
-        assert shipped in snippet
-        snippet = snippet.replace(shipped, here)
-    (folder / "dropgate-maintenance.conf").write_text(snippet)
-    backend = Backend()
-    port = free_port()
-    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in kinds)
-    (folder / "nginx.conf").write_text(
-        # master_process off: one process, no workers, no user switch; for a test server only
-        f"daemon off;\nmaster_process off;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'} warn;\n"
-        "events { worker_connections 64; }\n"
-        "http {\n    access_log off;\n" + temp + "\n"
-        f"    server {{\n        listen 127.0.0.1:{port};\n"
-        f"        include {folder / 'dropgate-maintenance.conf'};\n"
-        f"        location / {{ proxy_pass http://127.0.0.1:{backend.port}; }}\n    }}\n}}\n"
-    )
-    command = [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")]
-    checked = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backend = PlatformBackend(b"the platform, release 1.0.0\n")
     try:
-        def listening() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited: {(folder / 'error.log').read_text()}")
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, timeout=30, what="nginx to listen")
-        yield f"http://127.0.0.1:{port}", flag
+        with maintenance_nginx(tmp_path / "nginx", flag, {9108: site.port}, backend.port) as url:
+            yield url, flag
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
         backend.stop()
 
 

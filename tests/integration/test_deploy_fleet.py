@@ -20,10 +20,9 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from prometheus_client import CollectorRegistry
 
-from pipeline.metrics import Metrics
 from tests.conftest import ROOT, require_tool
+from tests.deploy_files import dashboard_queries, exported_names
 from tests.fleet import ANSIBLE, ansible_playbook
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -34,17 +33,6 @@ FLEET_DASHBOARD = ROOT / "deploy" / "grafana" / "dropgate-fleet.json"
 
 def recorded() -> list[str]:
     return [rule["record"] for group in yaml.safe_load(FLEET_RULES.read_text())["groups"] for rule in group["rules"]]
-
-
-def exported_names() -> set[str]:
-    """The sample names the daemon's metrics produce, plus Prometheus' own `up`."""
-    registry = CollectorRegistry()
-    Metrics(registry)
-    suffixes = {"counter": ["_total"], "info": ["_info"], "histogram": ["_bucket", "_sum", "_count"]}
-    names = {"up"}
-    for family in registry.collect():
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
-    return names
 
 
 def test_the_fleet_rules_pass_promtool_and_their_unit_tests_cover_every_rule() -> None:
@@ -63,7 +51,7 @@ def test_the_fleet_rules_pass_promtool_and_their_unit_tests_cover_every_rule() -
 
 
 def test_the_fleet_rules_read_only_what_the_daemon_exports_and_keep_the_job_of_the_alerts() -> None:
-    exported = exported_names()
+    exported = exported_names() | {"up"}  # and Prometheus' own `up`
     own = set(recorded())
     for group in yaml.safe_load(FLEET_RULES.read_text())["groups"]:
         for rule in group["rules"]:
@@ -99,21 +87,12 @@ def test_the_fleet_example_config_discovers_sites_from_files_and_loads_both_rule
     assert all(entry["labels"]["site"] and entry["targets"] for entry in sites)
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    dashboard = json.loads(FLEET_DASHBOARD.read_text())
-    queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            queries.append((f"${variable['name']}", variable["definition"]))
-    return queries
-
-
 def test_the_fleet_dashboard_queries_are_valid_promql_over_exported_and_recorded_series(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
-    known = exported_names() | set(recorded())
+    known = exported_names() | {"up"} | set(recorded())
     used: set[str] = set()
     rules = []
-    for number, (title, query) in enumerate(dashboard_queries()):
+    for number, (title, query) in enumerate(dashboard_queries(FLEET_DASHBOARD)):
         expr = query
         if expr.startswith("label_values("):
             expr = expr.removeprefix("label_values(").rpartition(",")[0].strip()

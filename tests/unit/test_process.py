@@ -56,6 +56,11 @@ def _pid_from(path: Path) -> int:
     return int(wait_for(lambda: path.exists() and path.read_text().strip(), what="the child to write its pid"))
 
 
+def _wait_gone(pid: int, what: str) -> None:
+    """Wait until process `pid` has ended (gone, or a zombie its parent has not reaped yet)."""
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, what=what)
+
+
 def test_the_deadline_kills_the_whole_process_group(tmp_path: Path) -> None:
     # Given a hook that starts a background child and then hangs
     pidfile = tmp_path / "child.pid"
@@ -68,10 +73,7 @@ def test_the_deadline_kills_the_whole_process_group(tmp_path: Path) -> None:
         )
     # Then the child is gone too
     child = _pid_from(pidfile)
-    wait_for(
-        lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
-        what="the child to die",
-    )
+    _wait_gone(child, "the child to die")
     assert any("killed (process group" in line for line in lines)
 
 
@@ -146,10 +148,7 @@ def test_what_a_finished_command_leaves_running_in_its_session_is_ended(tmp_path
     run_command(["sh", "-c", f'sleep 300 & echo $! > "{pidfile}"'], log=lines.append, what="post-apply")
     # Then the child does not outlive it (it could change the platform after a rollback)
     child = _pid_from(pidfile)
-    wait_for(
-        lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
-        what="the child to end",
-    )
+    _wait_gone(child, "the child to end")
     assert any("ended 1 process it left running" in line for line in lines)
 
 
