@@ -31,7 +31,7 @@ from transitions import Machine
 from pipeline.changes import rollback_done
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
-from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
+from pipeline.errors import ArchiveMisnamed, ControlRefused, SiteFault, StepAborted, StepFailed
 from pipeline.faults import site_fault
 from pipeline.inbox.order import start_order
 from pipeline.journal import OUTCOMES, Journal, Run
@@ -420,7 +420,9 @@ class Runner(threading.Thread):
                 return
             message = str(error)
             if step in PRE_CHANGE_STEPS:
-                self._finish(run, model, "reject", message, fault="site" if isinstance(error, SiteFault) else "archive")
+                fault = "site" if isinstance(error, SiteFault) else "archive"
+                fault = "name" if isinstance(error, ArchiveMisnamed) else fault
+                self._finish(run, model, "reject", message, fault=fault)
             elif isinstance(error, StepAborted):
                 self._finish(run, model, "interrupt", message)
             elif step in ROLLBACK_AFTER and self.config.policy.on_failure == "rollback":
