@@ -30,6 +30,7 @@ from pipeline.release import (
     staging_dir,
 )
 from pipeline.versions import Version, upgrade_problem
+from states.approval import refuse_if_rejected
 
 BACKGROUND = True  # runs while the platform serves users: at `background` priority (pipeline/priority.py)
 
@@ -97,6 +98,8 @@ def _make_room(target: Path, root: Path) -> None:
 
 def run(ctx: StepContext) -> None:
     """Authenticate, check and stage the archive; record the manifest and the planned versions."""
+    # An operator's rejection is recorded before it is answered: one a crash cut short still holds.
+    refuse_if_rejected(ctx)
     config = ctx.config
     limits = config.limits
     root = config.platform.root
