@@ -279,7 +279,7 @@ class Runner(threading.Thread):
             raise ControlRefused(f"there is no run {run_id}")
         if not run.blocking:
             raise ControlRefused(f"run {run_id} does not block the gate (it is {run.outcome or run.step})")
-        self.journal.update_run(run_id, resolved=self.now(), resolved_note=note, maintenance=False)
+        self.update_run(run_id, resolved=self.now(), resolved_note=note, maintenance=False)  # observers too
         self.event(run_id, "resolve", f"resolved by {who}: {note}")
         message = f"run {run_id} resolved"
         flag = self.config.maintenance.flag_file
