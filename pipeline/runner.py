@@ -308,6 +308,10 @@ class Runner(threading.Thread):
                 f"the gate is blocked by run {first.id} ({first.outcome}): resolve it first "
                 f"(dropgate resolve {first.id} --note ...)"
             )
+        pending = (*self.journal.unfinished(), *self.journal.queued())
+        waiting = [r for r in pending if run.sha256 is not None and r.sha256 == run.sha256]
+        if waiting:  # a second click, or a retry repeated because a crash cut off the first one's answer
+            raise ControlRefused(f"run {run_id} is queued again already, as run {waiting[0].id}: it runs once")
         source = Path(run.path)
         if not source.is_file():
             raise ControlRefused(f"the archive of run {run_id} is no longer at {source}")

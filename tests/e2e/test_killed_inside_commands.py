@@ -3,7 +3,8 @@
 An answer given to the operator must hold after a crash. `dropgate reject`
 answers once the rejection is recorded, and the runner then ends the run and
 sets its archive aside: a kill between the two must not bring the run back to
-wait for an approval (an `approve` then installed a rejected update).
+wait for an approval (an `approve` then installed a rejected update). A
+`retry` whose answer a crash cut off is asked again: the archive still runs once.
 
 The kill lands at an exact point: `strace` attached to the daemon delivers
 SIGKILL when it renames the spooled archive into `rejected/` (strace's
@@ -113,3 +114,59 @@ def test_a_rejection_answered_then_cut_short_by_sigkill_holds_after_the_restart(
     time.sleep(1)  # a poll of the runner: run 1 must not have moved
     assert site.run(1)["outcome"] == "rejected"  # type: ignore[index]
 
+
+
+@contextmanager
+def killed_when_opening(daemon: DaemonProcess, path: str) -> Iterator[None]:
+    """SIGKILL `daemon` the moment it opens `path` (here: the new run's log, written just after its commit)."""
+    strace = require_tool("strace")
+    tracer = subprocess.Popen(
+        [
+            strace, "-f", "-p", str(daemon.pid), "-o", "/dev/null", "-e", "trace=open,openat", "-P", path,
+            "-e", "inject=open,openat:signal=SIGKILL",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tracer.stderr is not None
+    try:
+        attached = tracer.stderr.readline()
+        assert "attached" in attached, f"strace could not attach: {attached}{tracer.stderr.read()}"
+        yield
+        daemon.proc.wait(timeout=60)
+        assert daemon.proc.returncode == -9, "the daemon was not killed at the open"
+    finally:
+        tracer.kill()
+        tracer.wait(timeout=30)
+
+
+@pytest.mark.parametrize("how", ["asked twice", "answer lost to a crash"])
+def test_a_retry_asked_again_while_the_first_is_pending_queues_the_archive_once(site: Site, how: str) -> None:
+    # Given a run an operator rejected, then wants after all
+    site.write_config(policy={"require_approval": True})
+    daemon = site.start_daemon()
+    site.drop(site.pack("1.0.1"))
+    site.wait_step(1, "approval")
+    assert site.cli("reject", "1", "--note", "not today").returncode == 0
+    assert site.wait_outcome(1)["outcome"] == "rejected"
+    # When `retry 1` is asked, and asked again before the new run ran (a second click, or after a crash
+    # that cut off the first answer once the new run was recorded)
+    if how == "asked twice":
+        first = site.cli("retry", "1")
+        assert first.returncode == 0 and "queued again as run 2" in first.stdout, first
+    else:
+        with killed_when_opening(daemon, str(site.state / "runs" / "2.log")):
+            first = site.cli("retry", "1")
+        assert first.returncode in (0, 3), first
+        site.start_daemon()
+    site.wait_step(2, "approval", timeout=120)
+    again = site.cli("retry", "1")
+    # Then the second is refused naming the run that is queued, and the archive runs once
+    assert again.returncode == 1
+    assert again.stderr.strip() == "dropgate: run 1 is queued again already, as run 2: it runs once"
+    assert site.cli("approve", "2").returncode == 0
+    assert site.wait_outcome(2, timeout=120)["outcome"] == "succeeded"
+    runs = site.history()
+    assert [(run["id"], run["outcome"]) for run in runs] == [(2, "succeeded"), (1, "rejected")]
+    assert site.show(2)["retry_of"] == 1
+    assert sorted(p.name for p in (site.state / "spool").iterdir()) == ["2"]
