@@ -525,7 +525,8 @@ class Runner(threading.Thread):
             return True
         loud = f"{cause}; ROLLBACK FAILED: {error} (the snapshot is untouched; restore by hand, then resolve)"
         if isinstance(error, StepAborted):
-            self._finish(run, model, "interrupt", loud)
+            again = f"{cause}; ROLLBACK INTERRUPTED: {error}; run `dropgate rollback {run.id}` again"
+            self._finish(run, model, "interrupt", again)
         else:
             self._finish(run, model, "fail", loud)
         return False

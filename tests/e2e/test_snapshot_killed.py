@@ -7,14 +7,18 @@ killed (strace, as in test_killed_inside_commands.py) as the backup creates
 its copy of the big file, and as a rollback creates its first restored file;
 after each restart the snapshot left half-written is never used, and the
 operator's rollback gives back the data byte for byte with its hard links.
+A second SIGTERM during the restore of a huge file stops it between two pieces
+of the copy (not after the whole file), and the run is `interrupted`, not failed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
-from tests.conftest import Site
+from tests.conftest import Site, require_tool, wait_for
 from tests.e2e.test_killed_inside_commands import killed_when_opening
 from tests.support import tree_digest
 
@@ -80,3 +84,47 @@ def test_killed_in_the_backup_then_in_the_restore_the_rollback_still_gives_the_d
     assert not [name for name in os.listdir(site.backups) if name.endswith(".partial")]
     listing = site.cli("backups").stdout
     assert "yes," in listing.splitlines()[1], listing  # the newest snapshot verified
+
+
+def test_a_second_sigterm_stops_a_restore_in_the_middle_of_a_huge_file(site: Site) -> None:
+    # Given a 1 GiB file (sparse: the disk is spared) that an update changes before failing
+    data = site.data
+    with open(data / "huge.bin", "wb") as handle:
+        handle.truncate(2**30)
+        handle.write(b"the start of a large database file")
+    (data / "after.txt").write_text("restored after the huge file\n")
+    before = tree_digest(data)
+    migration = f'#!/bin/sh\necho changed >> "{data}/huge.bin"\nexit 1\n'
+    daemon = site.start_daemon()
+    site.drop(site.pack("1.0.1", files={"migrations/001.sh": migration}, migrations=["migrations/001.sh"]))
+    site.wait_step(1, "rollback", timeout=120)
+    # When each piece of its copy back takes seconds (a slow disk: strace delays every copy_file_range)
+    # and the operator sends SIGTERM twice while it is being restored
+    strace = require_tool("strace")
+    tracer = subprocess.Popen(
+        [strace, "-f", "-p", str(daemon.pid), "-o", "/dev/null", "-e", "trace=copy_file_range",
+         "-e", "inject=copy_file_range:delay_enter=3000000"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert tracer.stderr is not None and "attached" in tracer.stderr.readline()
+        temporary = data / f".dropgate-restore-{daemon.pid}"
+        wait_for(temporary.exists, timeout=120, interval=0.01, what="the restore of the huge file")
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping at a safe point" in daemon.output(), what="the first SIGTERM to be taken")
+        daemon.proc.send_signal(signal.SIGTERM)
+        # Then the daemon stops within a few pieces (not after the whole gigabyte), leaving no stray copy
+        assert daemon.stop(timeout=20) == 0, daemon.output()[-2000:]
+    finally:
+        tracer.kill()
+        tracer.wait(timeout=30)
+    assert not temporary.exists()
+    # and the run is interrupted in its rollback; a new daemon's rollback restores everything
+    site.start_daemon()
+    run = site.wait_outcome(1)
+    assert run["outcome"] == "interrupted", run["error"]  # stopped, not failed: no "restore by hand"
+    assert "ROLLBACK INTERRUPTED: rollback was stopped: aborted by a second SIGTERM" in run["error"]
+    assert "run `dropgate rollback 1` again" in run["error"] and "by hand" not in run["error"]
+    result = site.cli("rollback", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(data) == before
