@@ -374,6 +374,7 @@ def view(config: SiteConfig, journal: Journal | None, *, now: float, running: bo
             "result": last.result,
             "message": last.message,
             "fetched": last.fetched,
+            "active": last.result is None and running,  # without a daemon an unfinished check is not running
         }
         success = next((c for c in checks if c.result == "ok"), None)
         result["last_success"] = success.started if success else None
@@ -405,7 +406,7 @@ def render(auto: dict[str, Any], tz: dt.tzinfo) -> list[str]:
         lines.append(f"  next check:  {when(auto['next_check'])}{late}")
     last = auto["last_check"]
     if last is not None:
-        outcome = last["result"] or "running"
+        outcome = last["result"] or ("running" if last.get("active", True) else "cut short: the daemon stopped")
         message = f" — {last['message']}" if last["message"] else ""
         lines.append(f"  last check:  {when(last['started'])}: {outcome}{message}")
     download = auto["download"]

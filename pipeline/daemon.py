@@ -197,7 +197,14 @@ class Daemon:
             self.runner = Runner(config, journal, observers)
             self.runner.recover()
             metrics.load(journal, installed_version(config.platform.root))
-            inbox = Inbox(config, journal, observers, on_taken=lambda _run_id: self.runner.wake())
+
+            def taken(run_id: int) -> None:
+                refused = journal.run(run_id)
+                if refused is not None and refused.outcome is not None:  # refused at the inbox: an outcome too
+                    observers.run_finished(refused)
+                self.runner.wake()
+
+            inbox = Inbox(config, journal, observers, on_taken=taken)
             inbox.recover()  # files a crash left between the inbox and their runs, before anything adds runs
             self.updater = AutoUpdater(config, journal, metrics, clock=schedule_clock())
 

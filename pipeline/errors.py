@@ -72,6 +72,14 @@ class ArchiveRejected(StepFailed):
     """The archive is not acceptable (authentication, format, limits, versions, policy)."""
 
 
+class ArchiveMisnamed(ArchiveRejected):
+    """The archive's file name is not `<product>.<version>.tgz` of what it carries.
+
+    Only the name was judged, not the bytes: like a site fault, the same bytes
+    under their own name are not a refused repeat (`Journal.last_with_sha`).
+    """
+
+
 class SiteFault(StepFailed):
     """The site, not the archive, made a step fail (no space, permission, a key file, a folder).
 

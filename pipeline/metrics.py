@@ -213,7 +213,8 @@ class Metrics(Observer):
         self.last_outcome.labels(outcome=run.outcome).set(when)
         if run.outcome == "succeeded":
             self.last_success.set(when)
-        self.run_updated(run)
+        if run.step != "queued":  # one refused at the inbox never ran: it says nothing of maintenance
+            self.run_updated(run)
 
     def inbox_changed(self, files: int, oldest_age: float, uploading: Sequence[dict[str, Any]]) -> None:
         self.inbox_files.set(files)

@@ -13,6 +13,7 @@ without the daemon's libraries: keep imports here light.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -129,6 +130,29 @@ def list_uploads(config: SiteConfig, unreadable: list[dict[str, str]]) -> list[d
     return uploads_in(config)
 
 
+def list_screening(config: SiteConfig, unreadable: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Files taken from the inbox and still being screened (`state/intake/<arrival>-<inode>.<n>/<name>`).
+
+    Neither in the inbox any more nor a run yet: in a flood, hundreds may wait here for
+    their hash and repeat check, and `status` must not lose sight of them. Oldest first.
+    """
+    intake = config.paths.state / "intake"
+    found: list[dict[str, Any]] = []
+    try:
+        tokens = [entry for entry in os.scandir(intake) if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        unreadable.append({"what": "intake", "path": str(intake), "error": "permission denied"})
+        return []
+    for token in tokens:
+        with contextlib.suppress(OSError, ValueError):  # screened and gone meanwhile, or not one of ours
+            names = os.listdir(token.path)
+            arrived = int(token.name.split("-", 1)[0]) / 1e9
+            found += [{"name": name, "arrived": arrived} for name in names]
+    return sorted(found, key=lambda item: (item["arrived"], item["name"]))
+
+
 def _installed(config: SiteConfig, unreadable: list[dict[str, str]]) -> str | None:
     root = config.platform.root
     version = installed_version(root)
@@ -172,6 +196,7 @@ def status_dict(
         "run": None,
         "queued": [],
         "uploading": list_uploads(config, unreadable) if uploads is None else list(uploads),
+        "screening": list_screening(config, unreadable),
         "installed_version": _installed(config, unreadable),
         "blocked_by": [],
         "inbox": str(config.paths.inbox),  # where to drop an archive (deploy/ansible/rollout.yml does)
@@ -322,6 +347,14 @@ def render_status(status: dict[str, Any], config: SiteConfig | None = None, *, c
         )
     for upload in status["uploading"]:
         lines.append(f"uploading: {p(upload['name'])} {upload['bytes']} of {upload['total']} bytes")
+    screening = status.get("screening", [])
+    if screening:
+        first = screening[0]
+        more = f" and {len(screening) - 1} more" if len(screening) > 1 else ""
+        lines.append(
+            f"screening: {p(first['name'])}{more} (taken from the inbox since {_when(first['arrived'])}; "
+            "hashed and checked before they become runs)"
+        )
     for queued in status["queued"]:
         lines.append(f"queued:    run {queued['id']} {p(queued['archive'])} (since {_when(queued['arrived'])})")
     for part in status.get("unreadable", []):

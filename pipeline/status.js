@@ -75,7 +75,10 @@ function renderNotes(st) {
 }
 
 function renderQueue(st) {
+  const screening = st.screening || [];
   const q = st.uploading.map(u => `uploading ${text(u.name)}: ${u.bytes} of ${u.total} bytes`)
+    .concat(screening.length ? [`screening ${text(screening[0].name)}` +
+      (screening.length > 1 ? ` and ${screening.length - 1} more` : "") + " (taken from the inbox, not yet runs)"] : [])
     .concat(st.queued.map(x => `queued: run ${x.id} ${text(x.archive)}` +
       (x.notes ? `<pre>${text(x.notes)}</pre>` : "")));
   document.getElementById("queue").innerHTML = q.length ? q.join("<br>") : "nothing waiting";

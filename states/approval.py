@@ -32,11 +32,16 @@ def ended_by_rejection(ctx: StepContext) -> Iterator[None]:
     try:
         yield
     except StepAborted as aborted:
-        who = ctx.facts.get("rejected_by")
-        if who:
-            note = ctx.facts.get("rejected_note") or "(no note)"
-            raise RejectedByOperator(f"rejected by the operator {who}: {note}") from aborted
+        refuse_if_rejected(ctx, aborted)
         raise
+
+
+def refuse_if_rejected(ctx: StepContext, cause: BaseException | None = None) -> None:
+    """Raise RejectedByOperator when an operator rejected the run (the runner records it in the facts first)."""
+    who = ctx.facts.get("rejected_by")
+    if who:
+        note = ctx.facts.get("rejected_note") or "(no note)"
+        raise RejectedByOperator(f"rejected by the operator {who}: {note}") from cause
 
 
 def run(ctx: StepContext) -> None:

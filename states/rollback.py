@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pipeline.changes import maintenance_changes
 from pipeline.context import StepContext
-from pipeline.errors import RollbackFailed, StepFailed
+from pipeline.errors import RollbackFailed, StepAborted, StepFailed
 from states import apply, backup, maintenance
 
 
@@ -38,7 +38,7 @@ def run(ctx: StepContext) -> None:
                 backup.restore(ctx)
             ctx.event(f"data restored from {ctx.facts['backup_dir']}")
         maintenance.leave(ctx)
-    except RollbackFailed:
+    except (RollbackFailed, StepAborted):  # stopped (a second SIGTERM) is not failed: it may simply be run again
         raise
     except StepFailed as error:
         raise RollbackFailed(str(error)) from error

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.archive import Manifest, authenticate, load_trusted_keys, parse_archive_name, stage_payload
 from pipeline.context import StepContext
-from pipeline.errors import ArchiveRejected, ConfigError, SiteFault, StepFailed
+from pipeline.errors import ArchiveMisnamed, ArchiveRejected, ConfigError, SiteFault, StepFailed
 from pipeline.faults import site_fault
 from pipeline.release import (
     current_release,
@@ -30,6 +30,7 @@ from pipeline.release import (
     staging_dir,
 )
 from pipeline.versions import Version, upgrade_problem
+from states.approval import refuse_if_rejected
 
 BACKGROUND = True  # runs while the platform serves users: at `background` priority (pipeline/priority.py)
 
@@ -43,7 +44,7 @@ def check_policy(manifest: Manifest, ctx: StepContext, name_product: str, name_v
     config = ctx.config
     product = config.platform.product
     if manifest.product != name_product:
-        raise ArchiveRejected(
+        raise ArchiveMisnamed(
             f"the archive name {ctx.archive_name} says product {name_product}, "
             f"the signed manifest says {manifest.product} (renamed archive?)"
         )
@@ -52,7 +53,7 @@ def check_policy(manifest: Manifest, ctx: StepContext, name_product: str, name_v
             f"the archive is for product {manifest.product}, this platform is {product} (platform.product)"
         )
     if Version.parse(name_version) != Version.parse(manifest.version) or name_version != manifest.version:
-        raise ArchiveRejected(
+        raise ArchiveMisnamed(
             f"the archive name {ctx.archive_name} says version {name_version}, "
             f"the signed manifest says {manifest.version} (renamed archive?)"
         )
@@ -97,6 +98,8 @@ def _make_room(target: Path, root: Path) -> None:
 
 def run(ctx: StepContext) -> None:
     """Authenticate, check and stage the archive; record the manifest and the planned versions."""
+    # An operator's rejection is recorded before it is answered: one a crash cut short still holds.
+    refuse_if_rejected(ctx)
     config = ctx.config
     limits = config.limits
     root = config.platform.root
@@ -111,7 +114,7 @@ def run(ctx: StepContext) -> None:
         )
     name_product, name_version = parse_archive_name(ctx.archive_name)
     if name_product != config.platform.product:
-        raise ArchiveRejected(
+        raise ArchiveMisnamed(
             f"the archive name {ctx.archive_name} is for product {name_product}, "
             f"this platform is {config.platform.product} (platform.product)"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from pipeline.errors import ArchiveRejected
+from pipeline.errors import ArchiveMisnamed
 from pipeline.versions import Version
 
 PRODUCT = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -75,14 +75,14 @@ def parse_archive_name(name: str) -> tuple[str, str]:
     """The product and version that an archive's file name `<product>.<version>.tgz` claims."""
     example = "expected <product>.<version>.tgz, e.g. gts.3.19.274.tgz"
     if not name.endswith(".tgz"):
-        raise ArchiveRejected(f"archive name {quote(name)} does not end in .tgz ({example})")
+        raise ArchiveMisnamed(f"archive name {quote(name)} does not end in .tgz ({example})")
     product, dot, version = name[: -len(".tgz")].partition(".")
     if not dot:
-        raise ArchiveRejected(f"archive name {quote(name)} has no version ({example})")
+        raise ArchiveMisnamed(f"archive name {quote(name)} has no version ({example})")
     if not PRODUCT.fullmatch(product):
-        raise ArchiveRejected(f"archive name {quote(name)} does not start with a product name ({example})")
+        raise ArchiveMisnamed(f"archive name {quote(name)} does not start with a product name ({example})")
     try:
         Version.parse(version)
     except ValueError:
-        raise ArchiveRejected(f"archive name {quote(name)}: {quote(version)} is not a version ({example})") from None
+        raise ArchiveMisnamed(f"archive name {quote(name)}: {quote(version)} is not a version ({example})") from None
     return product, version

@@ -331,7 +331,7 @@ class Intake:
 
     def _publish_run(self, item: Item) -> None:
         sha256 = item.sha256 or ""
-        repeat = self._repeat(sha256)
+        repeat = self._repeat(sha256, item.name)
         if repeat is not None:
             self._publish_refusal(item, repeat)
             return
@@ -362,7 +362,7 @@ class Intake:
         log.info("inbox: %s is run %d", printable(item.name), run_id)
         self.on_published(run_id)
 
-    def _repeat(self, sha256: str) -> str | None:
+    def _repeat(self, sha256: str, name: str) -> str | None:
         """Why these bytes must not run on their own: refused or failed before, or already waiting."""
         earlier = self.journal.last_with_sha(sha256)
         if earlier is not None and earlier.outcome != "succeeded":
@@ -371,7 +371,9 @@ class Intake:
                 f"run it again only with `dropgate retry {earlier.id}`"
             )
         for run in (*self.journal.unfinished(), *self.journal.queued()):
-            if run.sha256 == sha256:
+            # Under another name it is not a copy that will run: at most one name fits the signed
+            # manifest, and a copy misnamed on purpose must not swallow the genuine one.
+            if run.sha256 == sha256 and run.archive == name:
                 where = "queued" if run.step == "queued" else f"running ({run.step})"
                 return f"the same archive (sha256 {sha256[:12]}…) is already {where} as run {run.id}: it runs once"
         return None

@@ -201,12 +201,13 @@ class Journal:
     def last_with_sha(self, sha256: str, *, exclude: int | None = None) -> Run | None:
         """The latest finished run of these bytes that judged them: the one place of the repeat rule.
 
-        Runs that failed because of the site (no space, permission, a key file) did
-        not judge the archive, so they never make the same bytes a refused repeat.
+        Runs that failed because of the site (no space, permission, a key file) or of
+        the file's name (`ArchiveMisnamed`) did not judge the bytes, so they never make
+        the same bytes a refused repeat.
         """
         rows = self._query(
             "SELECT * FROM runs WHERE sha256 = ? AND id != ? AND outcome IS NOT NULL"
-            " AND (fault IS NULL OR fault != 'site') ORDER BY id DESC LIMIT 1",
+            " AND (fault IS NULL OR fault NOT IN ('site', 'name')) ORDER BY id DESC LIMIT 1",
             (sha256, exclude if exclude is not None else -1),
         )
         return self._run_of(rows[0]) if rows else None

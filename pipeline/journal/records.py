@@ -63,7 +63,7 @@ class Run:
     resolved: float | None
     resolved_note: str | None
     retry_of: int | None
-    fault: str | None = None  # of a rejection: "archive" (the bytes) or "site" (no space, permission, key file)
+    fault: str | None = None  # of a rejection: "archive" (the bytes), "site" (no space, permission, key file), "name"
     facts: dict[str, Any] = field(default_factory=dict)
 
     @property

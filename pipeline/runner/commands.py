@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.changes import rollback_done
 from pipeline.config import Config
@@ -39,6 +39,8 @@ class OperatorCommands:
     if TYPE_CHECKING:
 
         def event(self, run_id: int, step: str, message: str) -> None: ...
+
+        def update_run(self, run_id: int, **fields: Any) -> None: ...
 
         def wake(self) -> None: ...
 
@@ -83,7 +85,7 @@ class OperatorCommands:
             raise ControlRefused(f"there is no run {run_id}")
         if not run.blocking:
             raise ControlRefused(f"run {run_id} does not block the gate (it is {run.outcome or run.step})")
-        self.journal.update_run(run_id, resolved=self.now(), resolved_note=note, maintenance=False)
+        self.update_run(run_id, resolved=self.now(), resolved_note=note, maintenance=False)  # observers too
         self.event(run_id, "resolve", f"resolved by {who}: {note}")
         message = f"run {run_id} resolved"
         flag = self.config.maintenance.flag_file
@@ -112,6 +114,10 @@ class OperatorCommands:
                 f"the gate is blocked by run {first.id} ({first.outcome}): resolve it first "
                 f"(dropgate resolve {first.id} --note ...)"
             )
+        pending = (*self.journal.unfinished(), *self.journal.queued())
+        waiting = [r for r in pending if run.sha256 is not None and r.sha256 == run.sha256]
+        if waiting:  # a second click, or a retry repeated because a crash cut off the first one's answer
+            raise ControlRefused(f"run {run_id} is queued again already, as run {waiting[0].id}: it runs once")
         source = Path(run.path)
         if not source.is_file():
             raise ControlRefused(f"the archive of run {run_id} is no longer at {source}")

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.config import STEPS, Config, format_duration
 from pipeline.context import StepContext
-from pipeline.errors import ControlRefused, SiteFault, StepAborted, StepFailed
+from pipeline.errors import ArchiveMisnamed, ControlRefused, SiteFault, StepAborted, StepFailed
 from pipeline.faults import site_fault
 from pipeline.inbox.order import start_order
 from pipeline.journal import Journal, Run
@@ -219,7 +219,9 @@ class Runner(OperatorCommands, threading.Thread):
                 return
             message = str(error)
             if step in PRE_CHANGE_STEPS:
-                self._finish(run, model, "reject", message, fault="site" if isinstance(error, SiteFault) else "archive")
+                fault = "site" if isinstance(error, SiteFault) else "archive"
+                fault = "name" if isinstance(error, ArchiveMisnamed) else fault
+                self._finish(run, model, "reject", message, fault=fault)
             elif isinstance(error, StepAborted):
                 self._finish(run, model, "interrupt", message)
             elif step in ROLLBACK_AFTER and self.config.policy.on_failure == "rollback":
@@ -318,7 +320,8 @@ class Runner(OperatorCommands, threading.Thread):
             return True
         loud = f"{cause}; ROLLBACK FAILED: {error} (the snapshot is untouched; restore by hand, then resolve)"
         if isinstance(error, StepAborted):
-            self._finish(run, model, "interrupt", loud)
+            again = f"{cause}; ROLLBACK INTERRUPTED: {error}; run `dropgate rollback {run.id}` again"
+            self._finish(run, model, "interrupt", again)
         else:
             self._finish(run, model, "fail", loud)
         return False

@@ -110,9 +110,15 @@ class Copier:
     _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF)
 
     def __init__(
-        self, reflink: bool, write: Callable[[int, memoryview], int] = os.write, *, hashing: bool = True
+        self,
+        reflink: bool,
+        write: Callable[[int, memoryview], int] = os.write,
+        *,
+        hashing: bool = True,
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.reflink = reflink
+        self.checkpoint = checkpoint  # also asked between chunks: a huge file does not hold off a shutdown
         self.hashing = hashing
         self.kernel_copy = write is os.write
         self.write = write
@@ -303,6 +309,8 @@ class Copier:
     def _check_stop(self) -> None:
         if self.stop.is_set():
             raise Abandoned
+        if self.checkpoint is not None:
+            self.checkpoint()
 
 
 def link_previous(previous_copy: str, dst: str, size: int, mtime_ns: int, mode: str) -> bool:

@@ -119,7 +119,7 @@ def _restore_root(
                 path.unlink()
             removed += 1
     # 2. Put back every entry, folders before their content.
-    copier = Copier(reflink=True, hashing=False)  # the snapshot was verified, hashes included
+    copier = Copier(reflink=True, hashing=False, checkpoint=checkpoint)  # verified already, hashes included
     folders = []
     for entry in entries:
         checkpoint()
@@ -150,7 +150,12 @@ def _restore_root(
                     tmp.unlink()
                 copy = copy_root if rel == "." else copy_root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)  # a data path that is one file, its folder gone
-                copier.copy(str(copy), str(tmp), owner=False)
+                try:
+                    copier.copy(str(copy), str(tmp), owner=False)
+                except BaseException:  # stopped half-way (a shutdown, a time limit): no stray copy is left
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                    raise
                 apply_meta(str(tmp), entry, owner)
                 restore_xattrs(str(tmp), entry)
                 os.replace(tmp, path)

@@ -191,6 +191,7 @@ def test_the_newest_run_of_this_archive_decides() -> None:
     ({"daemon": {"running": False, "pid": None}}, "the daemon is not running"),
     ({"queued": [{"id": 5, "archive": "gts.1.0.2.tgz"}]}, "other archives are queued: run 5 (gts.1.0.2.tgz)"),
     ({"uploading": [{"name": "gts.1.1.0.tgz", "bytes": 10, "total": 99}]}, "an upload of gts.1.1.0.tgz is already"),
+    ({"screening": [{"name": "gts.1.1.0.tgz", "arrived": 1.0}]}, "gts.1.1.0.tgz is being screened"),
     ({"installed_version": None}, "no release is installed"),
     ({"installed_version": "not-a-version"}, "cannot compare the installed version"),
 ])

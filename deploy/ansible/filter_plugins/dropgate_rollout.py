@@ -144,6 +144,9 @@ def plan(status: dict[str, Any], history: list[dict[str, Any]], archive: dict[st
         return decide("skip", f"other archives are queued: {names}")
     if any(upload.get("name") == archive["name"] for upload in status.get("uploading") or []):
         return decide("skip", f"an upload of {archive['name']} is already in the inbox")
+    if any(item.get("name") == archive["name"] for item in status.get("screening") or []):
+        # taken from the inbox, not a run yet (a rerun right after the drop, or a flood): not dropped twice
+        return decide("skip", f"{archive['name']} is being screened (taken from the inbox, not yet a run)")
     if "inbox" not in status:
         raise AnsibleFilterError("the site's `dropgate status --json` does not say where its inbox is "
                                  "(dropgate on the site is older than this playbook)")
