@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError, JournalMissing
 from pipeline.journal import Journal
+from pipeline.journal.database import open_readonly
 
 if TYPE_CHECKING:
     from pipeline.quickconfig import SiteConfig as Config
@@ -105,7 +105,7 @@ def journal_state(path: Path) -> str:
         return "missing"
     if size == 0:
         return "empty"
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db = open_readonly(path)  # also for an admin who may not write the state folder
     try:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "runs" not in tables:
