@@ -47,14 +47,23 @@ def _snapshot_name(name: str) -> bool:
     return name.isdigit() or (name.startswith(".") and name.endswith(".partial") and name[1:-8].isdigit())
 
 
-def run_evidence(config: Config) -> list[str]:
-    """What in the state and backup folders shows that runs happened here (empty: nothing)."""
+def run_evidence(config: Config, *, first_may_be_uncommitted: bool = False) -> list[str]:
+    """What in the state and backup folders shows that runs happened here (empty: nothing).
+
+    `first_may_be_uncommitted` (a journal that holds no runs yet): the first run's file
+    without its run is what a crash inside the transaction creating that run leaves (the
+    file placed, the commit never made); the inbox screens it again at start-up, so it
+    is no evidence of a lost run.
+    """
     state = config.paths.state
     found = []
-    spooled = _entries(state / "spool")
+    first = "1" if first_may_be_uncommitted else None
+    spooled = _entries(state / "spool", lambda name: name != first)
     if spooled:
         found.append(f"{_plural(len(spooled), 'spooled archive')} ({state / 'spool'})")
-    rejected = _entries(state / "rejected", lambda name: not name.endswith(".reason"))
+    rejected = _entries(
+        state / "rejected", lambda name: not name.endswith(".reason") and name.partition("-")[0] != first
+    )
     if rejected:
         found.append(f"{_plural(len(rejected), 'rejected archive')} ({state / 'rejected'})")
     logs = _entries(state / "runs", lambda name: name.endswith(".log"))
@@ -143,7 +152,10 @@ def memory_problem(config: Config) -> str | None:
     state = journal_state(path)
     if state == "ok":
         return None
-    found = site_evidence(config) if state in ("missing", "empty") else run_evidence(config)
+    if state in ("missing", "empty"):
+        found = site_evidence(config)
+    else:
+        found = run_evidence(config, first_may_be_uncommitted=True)
     if not found:
         return None
     what = {"missing": "is missing", "empty": "is empty", "no runs": "holds no runs"}[state]

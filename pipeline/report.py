@@ -82,7 +82,9 @@ def open_journal(config: SiteConfig) -> Journal | None:
     except JournalDamaged:
         journal.close()
         raise
-    if not journal.runs(limit=1):  # no runs: idle only if the site shows none either (the daemon's own rule)
+    # No runs: idle only if the site shows none either (the daemon's own rule at its start). While a daemon
+    # runs it has passed that check, and a file it is placing for a run not yet committed is no evidence.
+    if daemon_pid(state) is None and not journal.runs(limit=1):
         from pipeline.evidence import memory_problem, what_to_do
 
         problem = memory_problem(config)
