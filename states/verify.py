@@ -99,6 +99,11 @@ def fetch(
         if now() - started >= limit:
             raise httpx.TimeoutException(f"no answer within {limit:g}s")
     if request.error is not None:
+        bound_by_step = deadline is not None and deadline - started < timeout
+        if bound_by_step and isinstance(request.error, httpx.TimeoutException):
+            # The request's own timeout was the step's remaining time: it is the step that ran out
+            # (on a loaded machine httpx may notice before this loop does).
+            raise StepTimeout(f"GET {url} was still waiting for an answer at the step's time limit") from request.error
         raise request.error
     assert request.response is not None
     return request.response
