@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JournalDamaged, JournalError
-from pipeline.journal.database import FIRST_TABLES, open_readonly, open_readwrite
+from pipeline.journal.database import check_first_tables, open_readonly, open_readwrite
 from pipeline.journal.records import (
     BLOCKING_OUTCOMES,
     FEED_CHECK_COLUMNS,
@@ -83,9 +83,7 @@ class Journal:
     def check_tables(self) -> None:
         """Raise JournalDamaged if a table every journal has is missing (a reader's cheap check)."""
         tables = {str(row[0]) for row in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        missing = [table for table in FIRST_TABLES if table not in tables]
-        if missing:
-            raise JournalDamaged(f"the journal {self.path} is damaged: it has no table {', '.join(missing)}")
+        check_first_tables(self.path, tables)
 
     def _run_of(self, row: sqlite3.Row) -> Run:
         try:

@@ -211,10 +211,16 @@ def check_intact(path: Path) -> bool | None:
         raise JournalDamaged(f"the journal {path} is damaged: {error}") from error
     if problems != ["ok"]:
         raise JournalDamaged(f"the journal {path} is damaged: {problems[0]}")
-    missing = [table for table in FIRST_TABLES if table not in tables]
-    if tables and missing:  # no table at all is a journal never written: the daemon decides
-        raise JournalDamaged(f"the journal {path} is damaged: it has no table {', '.join(missing)}")
+    if tables:  # no table at all is a journal never written: the daemon decides
+        check_first_tables(path, tables)
     return True
+
+
+def check_first_tables(path: Path, tables: set[str]) -> None:
+    """Raise JournalDamaged if `tables` (a journal's) lacks one every journal has had since the first release."""
+    missing = [table for table in FIRST_TABLES if table not in tables]
+    if missing:
+        raise JournalDamaged(f"the journal {path} is damaged: it has no table {', '.join(missing)}")
 
 
 def check_runs(path: Path, steps: Collection[str]) -> None:

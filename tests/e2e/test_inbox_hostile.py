@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Site, wait_for
+from tests.conftest import Site, cannot_run, wait_for
 
 
 def sha(data: bytes) -> str:
@@ -229,7 +229,7 @@ def test_a_file_held_open_for_writing_is_not_taken_until_its_writer_closes_it(si
 
 def test_a_taken_file_of_an_upload_account_becomes_the_daemons(site: Site) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to give the upload a second account's owner")
+        cannot_run("needs root to give the upload a second account's owner")
     nobody = 65534
     site.start_daemon()
     data = b"uploaded by another account " * 100
