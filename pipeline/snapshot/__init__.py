@@ -26,10 +26,10 @@ still that inode with that ctime, it has not changed since.
 Snapshots after the first share every unchanged file with the previous one by
 hard link (between snapshots only, never with the live data), so their cost
 follows what changed: the previous manifest is read along the walk, and an
-unchanged file costs a stat, a comparison of its line and a link. New files are
-hashed as they are copied (the manifest holds the hash of the bytes stored),
-cloned where the filesystem can. What is trusted without reading, and what is
-hashed when: docs/backups.md. A snapshot is built in
+unchanged file costs a stat, a comparison of its line, a link and a stat of
+the link. New files are hashed as they are copied (the manifest holds the hash
+of the bytes stored), cloned where the filesystem can. What is trusted without
+reading, and what is hashed when: docs/backups.md. A snapshot is built in
 `<backups>/.<run id>.partial/` and renamed into place only once it is complete,
 checked against its manifest and synced to disk; any failure removes it.
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.snapshot.layout import BUFFER
-from pipeline.snapshot.tree import mode_text, read_xattrs
+from pipeline.snapshot.tree import read_xattrs
 
 _CHUNK = 64 << 20  # a stop request is seen by a copy in progress at least this often
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -39,9 +39,23 @@ _HASH_BUFFERS = 4  # buffers in flight between the copying and the hashing threa
 class Copied:
     sha256: str | None  # None when the copy was made without hashing
     info: os.stat_result  # the source as it was after its (last) copy
-    size: int  # the bytes copied
+    stored: os.stat_result  # the copy, once its mode, owner and times were set
     settled: bool  # the source did not change while it was copied
     xattrs: dict[str, str] | None
+
+    @property
+    def size(self) -> int:
+        """The bytes copied."""
+        return self.stored.st_size
+
+    def stored_as_copied(self, owner: bool) -> bool:
+        """Whether the copy has the source's mode and mtime (and owner, if set), as its manifest line says."""
+        stored, info = self.stored, self.info
+        return (
+            stored.st_mode == info.st_mode
+            and stored.st_mtime_ns == info.st_mtime_ns
+            and (not owner or (stored.st_uid, stored.st_gid) == (info.st_uid, info.st_gid))
+        )
 
 
 class Abandoned(Exception):
@@ -177,17 +191,17 @@ class Copier:
                     )
                     if settled:
                         break
-                size = os.fstat(fo).st_size
                 xattrs = read_xattrs(fi)
                 if owner:
                     os.fchown(fo, after.st_uid, after.st_gid)
                 os.fchmod(fo, stat.S_IMODE(after.st_mode))
                 os.utime(fo, ns=(after.st_atime_ns, after.st_mtime_ns))
+                stored = os.fstat(fo)
             finally:
                 os.close(fo)
         finally:
             os.close(fi)
-        return Copied(digest, after, size, settled, xattrs)
+        return Copied(digest, after, stored, settled, xattrs)
 
     @staticmethod
     def _rewind(fi: int, fo: int) -> None:
@@ -313,22 +327,23 @@ class Copier:
             self.checkpoint()
 
 
-def link_previous(previous_copy: str, dst: str, size: int, mtime_ns: int, mode: str) -> bool:
-    """Hard-link the previous snapshot's copy if it is still as recorded; False to copy instead.
+def link_previous(previous_copy: str, dst: str, holds: Callable[[os.stat_result], bool]) -> bool:
+    """Hard-link the previous snapshot's copy to `dst` if it is still as recorded; False to copy instead.
 
-    The copy must still be a regular file with the size, mtime and mode (octal text)
-    the manifest records: a copy changed in the backups folder is never carried forward.
+    The link is made first and then checked where it landed: its lstat must be a
+    regular file that `holds` (the record's size, mtime, mode) accepts, else the
+    link is removed. A copy changed in the backups folder is never carried forward,
+    and the check is of the very entry the new snapshot holds.
     """
     try:
-        info = os.lstat(previous_copy)
+        os.link(previous_copy, dst)
     except (FileNotFoundError, NotADirectoryError):
         return False
-    if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns, mode_text(info)) != (size, mtime_ns, mode):
-        return False
-    try:
-        os.link(previous_copy, dst)
     except OSError as error:
         if error.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM):
             return False
         raise
-    return True
+    if holds(os.lstat(dst)):
+        return True
+    os.unlink(dst)
+    return False

@@ -36,6 +36,14 @@ def root_names(sources: Sequence[Path]) -> list[str]:
     return names
 
 
+def entry_folder(root: str, rel: str) -> str:
+    """The snapshot-relative folder holding the entry `rel` of the data path named `root`."""
+    if rel == ".":
+        return DATA
+    head = rel.rpartition("/")[0]
+    return f"{DATA}/{root}/{head}" if head else f"{DATA}/{root}"
+
+
 def snapshot_dir(backups_dir: Path, run_id: int) -> Path:
     return backups_dir / str(run_id)
 

@@ -127,11 +127,12 @@ def racy_from_ns(header: dict[str, Any]) -> int:
 class Match:
     """A live file as the previous snapshot recorded it: unchanged, or `racy` (hash it to be sure)."""
 
-    __slots__ = ("_entry", "line", "racy")
+    __slots__ = ("_entry", "_live", "line", "racy")
 
-    def __init__(self, line: str, racy: bool, entry: dict[str, Any] | None = None) -> None:
+    def __init__(self, line: str, racy: bool, live: os.stat_result, entry: dict[str, Any] | None = None) -> None:
         self.line = line  # its manifest line, as written then
         self.racy = racy
+        self._live = live  # the live file's lstat, which has the recorded size, mtime and mode
         self._entry = entry
 
     @property
@@ -140,6 +141,38 @@ class Match:
         if self._entry is None:
             self._entry = json.loads(self.line)
         return self._entry
+
+    def holds(self, copy: os.stat_result) -> bool:
+        """Whether a copy whose lstat is `copy` is a regular file with the recorded size, mtime and mode."""
+        live = self._live  # a regular file, matched to the record
+        return (copy.st_mode, copy.st_size, copy.st_mtime_ns) == (live.st_mode, live.st_size, live.st_mtime_ns)
+
+
+class Placed:
+    """The lines of a manifest being written whose entry was checked where it landed, and how many such
+    entries each folder holds (the check after taking counts them without looking again).
+
+    One bit per line number: a million lines take 125 KiB.
+    """
+
+    __slots__ = ("_bits", "folders")
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self.folders: dict[str, int] = {}  # snapshot-relative folder -> entries placed in it
+
+    def add(self, number: int, folder: str) -> None:
+        byte = number >> 3
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
+        self._bits[byte] |= 1 << (number & 7)
+        self.folders[folder] = self.folders.get(folder, 0) + 1
+
+    def __contains__(self, number: object) -> bool:
+        if not isinstance(number, int) or number < 0:
+            return False
+        byte = number >> 3
+        return byte < len(self._bits) and bool(self._bits[byte] >> (number & 7) & 1)
 
 
 _FILE_FIELDS = (
@@ -170,8 +203,8 @@ class PreviousFiles:
         self._racy_from = racy_from
         self._head = self._next()
 
-    def _next(self) -> tuple[tuple[str, str], int, str] | None:
-        """The next file line of this root: its walk key, where its path ends (0: parse it whole), the line."""
+    def _next(self) -> tuple[str, int, str] | None:
+        """The next file line of this root: its path, where the path ends (0: parse it whole), the line."""
         if self._handle is None:
             return None
         prefix = self._prefix
@@ -181,10 +214,10 @@ class PreviousFiles:
             try:
                 if line.startswith(prefix):
                     path, end = scanstring(line, len(prefix))
-                    return walk_key(path), end, line
+                    return path, end, line
                 entry = json.loads(line)
-                if entry["root"] == self._name and entry["type"] == "file":
-                    return walk_key(entry["path"]), 0, line
+                if entry["root"] == self._name and entry["type"] == "file" and isinstance(entry["path"], str):
+                    return entry["path"], 0, line
             except (ValueError, KeyError, TypeError):
                 break  # damaged from here on: nothing more is shared
         return None
@@ -196,14 +229,17 @@ class PreviousFiles:
         owner and permission bits as recorded (a write, truncate, chmod, chown,
         extended attribute change or replacement always moves ctime or the inode).
         """
-        key = walk_key(rel)
         head = self._head
-        while head is not None and head[0] < key:
-            head = self._next()
-        self._head = head
-        if head is None or head[0] != key:
+        if head is not None and head[0] != rel:  # the walk passed files that are gone, or came to new ones
+            key = walk_key(rel)
+            while head is not None and walk_key(head[0]) < key:
+                head = self._next()
+            self._head = head
+            if head is None or head[0] != rel:
+                return None
+        if head is None:
             return None
-        _key, end, line = head
+        _path, end, line = head
         racy = info.st_ctime_ns >= self._racy_from
         if end:
             fields = _FILE_FIELDS.format(
@@ -217,7 +253,7 @@ class PreviousFiles:
                 ctime=info.st_ctime_ns,
             )
             if line.startswith(fields, end):
-                return Match(line, racy)
+                return Match(line, racy, info)
         try:
             entry = json.loads(line)
         except ValueError:
@@ -232,7 +268,7 @@ class PreviousFiles:
             and entry.get("gid") == info.st_gid
             and entry.get("mode") == mode_text(info)
         )
-        return Match(line, racy, entry) if same else None
+        return Match(line, racy, info, entry) if same else None
 
     def close(self) -> None:
         if self._handle is not None:

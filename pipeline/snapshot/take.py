@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,10 +25,11 @@ from pipeline.snapshot.layout import (
     FORMAT,
     MANIFEST,
     SUMMARY,
+    entry_folder,
     partial_dir,
     root_names,
 )
-from pipeline.snapshot.manifest import Match, Previous, encode_entry
+from pipeline.snapshot.manifest import Match, Placed, Previous, encode_entry
 from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
 from pipeline.snapshot.space import Space, Tally, disk_error, estimate_with, probe_space, refusal
 from pipeline.snapshot.tree import (
@@ -38,7 +40,6 @@ from pipeline.snapshot.tree import (
     fsync_dir,
     kind_of,
     meta_fields,
-    mode_text,
     read_xattrs,
     sync_filesystem,
     walk_tree,
@@ -116,7 +117,7 @@ def take_snapshot(
     except OSError as error:
         raise full(error, f"creating {partial}", partial, BLOCK) from error
     try:
-        summary = _fill(
+        summary, placed = _fill(
             sources,
             partial=partial,
             prev=prev,
@@ -132,7 +133,7 @@ def take_snapshot(
             guard=guard,
             dump_hint=dump_hint,
         )
-        _check_verified(partial, verify_snapshot(partial, hashes=False, checkpoint=checkpoint))
+        _check_verified(partial, verify_snapshot(partial, hashes=False, placed=placed, checkpoint=checkpoint))
         summary["verified_at"] = now()
         summary["verify_problems"] = []
         summary["finished"] = now()
@@ -163,7 +164,12 @@ def _check_verified(dest: Path, problems: Sequence[str]) -> None:
 
 
 class _ManifestFile:
-    """The manifest being written: lines in walk order, written out in large pieces, synced at the end."""
+    """The manifest being written: lines in walk order, written out in large pieces, synced at the end.
+
+    It numbers its lines as `iter_manifest_lines` does (the header is line 1), keeps the
+    lines whose entry was checked where it landed (`placed`), and hashes
+    the bytes it writes: the manifest read back must be exactly those (`check_written`).
+    """
 
     def __init__(self, path: Path, translate: Callable[[OSError, str, Path, int], SnapshotError]) -> None:
         self.path = path
@@ -171,15 +177,28 @@ class _ManifestFile:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self._parts: list[str] = []
         self._pending = 0
+        self._lines = 0
+        self._written = hashlib.sha256()
+        self.placed = Placed()
 
-    def add(self, line: str) -> None:
+    def add(self, line: str, placed_in: str | None = None) -> None:
+        """Append `line`; `placed_in`: the folder of its entry, if that was checked where it landed."""
+        self._lines += 1
+        if placed_in is not None:
+            self.placed.add(self._lines, placed_in)
         self._parts.append(line)
         self._pending += len(line)
         if self._pending >= BUFFER:
             self.flush()
 
+    def check_written(self, on_disk: str) -> None:
+        """SnapshotError unless `on_disk` (the SHA-256 of the manifest read back) is that of the bytes written."""
+        if on_disk != self._written.hexdigest():
+            raise SnapshotError(f"{self.path}: the manifest read back differs from what was written")
+
     def flush(self) -> None:
         data = memoryview("".join(self._parts).encode("utf-8"))
+        self._written.update(data)
         self._parts, self._pending = [], 0
         try:
             while data:
@@ -256,7 +275,7 @@ def _share_if_same(copier: Copier, item: _Copy, owner: bool) -> Copied | None:
         entry.get("src_ctime_ns"),
         entry.get("src_ino"),
     )
-    if same and unchanged and link_previous(previous_copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
+    if same and unchanged and link_previous(previous_copy, dst, item.match.holds):
         return None
     return copier.copy(src, dst, owner)
 
@@ -277,8 +296,12 @@ def _fill(
     write: Callable[[int, memoryview], int],
     guard: Space | None,
     dump_hint: int,
-) -> dict[str, Any]:
-    """Copy or link every entry into `partial`, write the manifest, run the dumps; return the summary.
+) -> tuple[dict[str, Any], Placed]:
+    """Copy or link every entry into `partial`, write the manifest, run the dumps.
+
+    Returns the summary, and the manifest lines whose entry was checked where it landed
+    (a linked file's lstat against its record, a copy's fstat against the source's mode,
+    mtime and owner): the check after taking need not look at them again.
 
     With a `guard` (the space free when the snapshot began, no estimate made), the need
     is counted along the walk; once it exceeds the guard nothing more is written, the
@@ -295,7 +318,9 @@ def _fill(
     )
     folders: list[tuple[str, dict[str, Any]]] = []  # folder times are set once their content is in
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
-    window: deque[str | _InFlight] = deque()  # manifest lines in walk order, and copies holding their place
+    # Manifest lines in walk order (each with its folder if its entry was checked where it landed), and copies
+    # holding their place.
+    window: deque[tuple[str, str | None] | _InFlight] = deque()
     in_flight = 0
     limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
     backups = partial.parent
@@ -315,8 +340,9 @@ def _fill(
         nonlocal in_flight
         while window:
             head = window[0]
-            if isinstance(head, str):
-                manifest.add(window.popleft())  # type: ignore[arg-type]
+            if isinstance(head, tuple):
+                manifest.add(*head)
+                window.popleft()
                 continue
             if head.future is None:
                 submit(head)
@@ -338,7 +364,8 @@ def _fill(
         entry = item.entry
         if copied is None:
             assert item.match is not None
-            manifest.add(_shared_line(item.match, entry["root"], renamed=item.renamed))
+            line = _shared_line(item.match, entry["root"], renamed=item.renamed)
+            manifest.add(line, entry_folder(entry["root"], entry["path"]))
             counts["shared_files"] += 1
             counts["bytes"] += item.size
             throttle.add(item.size)
@@ -346,18 +373,19 @@ def _fill(
         entry.update(file_fields(copied.info), size=copied.size, sha256=copied.sha256)
         if copied.xattrs:
             entry["xattrs"] = copied.xattrs
-        manifest.add(encode_entry(entry))
+        placed_in = entry_folder(entry["root"], entry["path"]) if copied.stored_as_copied(owner) else None
+        manifest.add(encode_entry(entry), placed_in)
         counts["new_files"] += 1
         counts["new_bytes"] += copied.size
         counts["bytes"] += copied.size
         counts["changing_files"] += not copied.settled
         throttle.add(copied.size)
 
-    def push(line: str) -> None:
+    def push(line: str, placed_in: str | None = None) -> None:
         """A manifest line after those of the files already on their way (an open batch closes)."""
         if window and isinstance(window[-1], _InFlight) and window[-1].future is None:
             submit(window[-1])
-        window.append(line)
+        window.append((line, placed_in))
 
     try:
         header = {
@@ -402,9 +430,8 @@ def _fill(
                     if kind == "file" and not second_name:
                         counts["files"] += 1
                         if match is not None and not match.racy:
-                            copy = prev.copy_of(source, rel)
-                            if link_previous(copy, dst, info.st_size, info.st_mtime_ns, mode_text(info)):
-                                push(_shared_line(match, name, renamed=renamed))
+                            if link_previous(prev.copy_of(source, rel), dst, match.holds):
+                                push(_shared_line(match, name, renamed=renamed), entry_folder(name, rel))
                                 counts["shared_files"] += 1
                                 counts["bytes"] += info.st_size
                                 throttle.add(info.st_size)
@@ -497,7 +524,9 @@ def _fill(
         pool.shutdown(wait=True, cancel_futures=True)
         copier.close()
         manifest.abandon()  # after a failure (a full disk) the lines not written are lost with the partial folder
-    return {
+    on_disk = file_sha256(manifest.path)
+    manifest.check_written(on_disk)
+    summary = {
         "format": FORMAT,
         "run": run_id,
         "created": created,
@@ -506,8 +535,9 @@ def _fill(
         **counts,
         "cloned_files": copier.cloned,
         "dumps": dump_sizes,
-        "manifest_sha256": file_sha256(manifest.path),
+        "manifest_sha256": on_disk,
     }
+    return summary, manifest.placed
 
 
 def _shared_line(match: Match, root: str, *, renamed: bool) -> str:

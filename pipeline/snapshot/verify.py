@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import SnapshotError
 from pipeline.snapshot.layout import BUFFER, DATA, DUMPS, MANIFEST, SUMMARY
-from pipeline.snapshot.manifest import file_line_fields, iter_manifest, iter_manifest_lines, parse_line
+from pipeline.snapshot.manifest import Placed, file_line_fields, iter_manifest, iter_manifest_lines, parse_line
 from pipeline.snapshot.progress import Checkpoint, Progress, Throttle, no_checkpoint, no_progress
 from pipeline.snapshot.tree import file_sha256, kind_of, mode_text
 
@@ -23,6 +23,7 @@ def verify_snapshot(
     dest: Path,
     *,
     hashes: bool = True,
+    placed: Placed | None = None,
     checkpoint: Checkpoint = no_checkpoint,
     progress: Progress = no_progress,
     limit: int = 50,
@@ -33,6 +34,8 @@ def verify_snapshot(
     every file's SHA-256 is recomputed unless `hashes` is false (the check right after
     taking a snapshot, whose hashes were just computed from its own copies).
     The manifest must match the checksum the summary holds, when there is one.
+    `placed`: the entries the snapshot that wrote this very manifest checked where they
+    landed (counted, not looked at again).
     """
     problems: list[str] = []
     expected_bytes = 0
@@ -43,7 +46,8 @@ def verify_snapshot(
             problems.append(f"{dest / MANIFEST}: changed since the snapshot was taken (checksum differs)")
     throttle = Throttle(progress, expected_bytes)
     buffer = bytearray(BUFFER)
-    listed: dict[str, int] = {}  # folder (relative to dest) -> how many entries the manifest lists in it
+    # folder (relative to dest) -> how many entries the manifest lists in it
+    listed: dict[str, int] = dict(placed.folders) if placed is not None else {}
     suspects: set[str] = set()  # folders with a listed entry missing: their names are compared one by one
     base = str(dest)
     try:
@@ -52,6 +56,8 @@ def verify_snapshot(
             if len(problems) >= limit:
                 problems.append("… more problems not listed")
                 break
+            if placed is not None and number in placed:
+                continue
             if not hashes:
                 name = _file_as_written(base, line)
                 if name is not None:  # a file whose copy has every field its line says: nothing to parse
@@ -90,9 +96,8 @@ def verify_snapshot(
 _ROOT = '{"root":"'
 
 
-def _file_as_written(base: str, line: str) -> str | None:
-    """The snapshot-relative name of a file whose line (as this version writes it) matches its copy's lstat
-    (type, size, mode, owner, mtime); None when it must be parsed and checked field by field."""
+def _file_and_end(line: str) -> tuple[str, int] | None:
+    """The name of the file a line as this version writes it lists, and where its path ends; None otherwise."""
     if not line.startswith(_ROOT) or not line.endswith("}\n"):
         return None
     try:
@@ -104,7 +109,16 @@ def _file_as_written(base: str, line: str) -> str | None:
         return None
     if not line.startswith(',"type":"file",', end):
         return None
-    name = f"{DATA}/{root}" if rel == "." else f"{DATA}/{root}/{rel}"
+    return (f"{DATA}/{root}" if rel == "." else f"{DATA}/{root}/{rel}"), end
+
+
+def _file_as_written(base: str, line: str) -> str | None:
+    """The snapshot-relative name of a file whose line (as this version writes it) matches its copy's lstat
+    (type, size, mode, owner, mtime); None when it must be parsed and checked field by field."""
+    found = _file_and_end(line)
+    if found is None:
+        return None
+    name, end = found
     try:
         info = os.lstat(f"{base}/{name}")
     except OSError:

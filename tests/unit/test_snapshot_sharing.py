@@ -27,6 +27,7 @@ from pipeline.snapshot import (
     take_snapshot,
     verify_snapshot,
 )
+from pipeline.snapshot.manifest import Placed
 from tests.support import tree_digest
 
 
@@ -148,6 +149,65 @@ def test_a_file_older_than_the_previous_snapshot_is_trusted_on_its_stat_alone(li
 
     assert info.shared_files == 120
     assert (backups / "2" / "data" / "data" / rel).read_bytes() == forged
+
+
+def _tamper(copy: Path, how: str) -> None:
+    """Change the previous snapshot's copy of a file the way someone in the backups folder could."""
+    info = copy.stat()
+    if how == "size":  # a byte more, its mtime put back
+        with open(copy, "ab") as handle:
+            handle.write(b"!")
+        os.utime(copy, ns=(info.st_atime_ns, info.st_mtime_ns))
+    elif how == "mtime":
+        os.utime(copy, ns=(info.st_atime_ns, info.st_mtime_ns - 1))
+    elif how == "mode":
+        copy.chmod(0o600)
+    elif how == "removed":
+        copy.unlink()
+    elif how == "symlink":  # a link to a file with the recorded bytes, size and mtime
+        twin = copy.with_name("twin")
+        os.link(copy, twin)
+        copy.unlink()
+        copy.symlink_to("twin")
+    elif how == "fifo":
+        copy.unlink()
+        os.mkfifo(copy)
+    elif how == "folder":
+        copy.unlink()
+        copy.mkdir()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("racy", [False, True], ids=["trusted-on-stat", "racy"])
+@pytest.mark.parametrize("how", ["size", "mtime", "mode", "removed", "symlink", "fifo", "folder"])
+def test_a_previous_copy_changed_in_the_backups_folder_is_copied_afresh_not_carried_forward(
+    live: Path, tmp_path: Path, how: str, racy: bool
+) -> None:
+    # Given a previous snapshot whose copy of one unchanged live file was changed or replaced since
+    backups = tmp_path / "b"
+    take_snapshot([live], backups / "1", run_id=1, now=time.time if racy else lambda: time.time() + 10)
+    rel = "a/b/f002.bin"
+    previous_copy = backups / "1" / "data" / "data" / rel
+    _tamper(previous_copy, how)
+    planted = os.lstat(previous_copy) if how != "removed" else None
+
+    # When the next snapshot runs
+    info = take_snapshot([live], backups / "2", backups / "1", run_id=2)
+
+    # Then that file is a fresh copy of the live bytes with the live metadata, every other file is shared,
+    # the new snapshot verifies in full (nothing extra, no link left behind) and the previous one is as it was
+    copy = backups / "2" / "data" / "data" / rel
+    assert copy.read_bytes() == (live / rel).read_bytes()
+    assert (copy.stat().st_mode, copy.stat().st_mtime_ns) == (
+        (live / rel).stat().st_mode,
+        (live / rel).stat().st_mtime_ns,
+    )
+    assert copy.stat().st_nlink == 1
+    assert (info.shared_files, info.new_files) == (119, 1)
+    assert verify_snapshot(backups / "2") == []
+    if planted is not None:
+        assert os.lstat(previous_copy).st_ino == planted.st_ino
 
 
 def test_restore_rewrites_a_racy_file_whose_bytes_differ(live: Path, tmp_path: Path) -> None:
@@ -305,9 +365,7 @@ def test_verification_names_extra_entries_wherever_they_are(live: Path, tmp_path
     )
 
 
-def test_a_later_snapshot_that_no_longer_fits_stops_writing_and_says_the_whole_need(
-    live: Path, tmp_path: Path
-) -> None:
+def test_a_later_snapshot_that_no_longer_fits_stops_writing_and_says_the_whole_need(live: Path, tmp_path: Path) -> None:
     """The free space comes from an injected probe: what the first snapshot needs, and no more."""
     backups = tmp_path / "b"
     first = take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)  # nothing racy
@@ -367,3 +425,14 @@ def test_each_data_path_shares_with_its_own_previous_copies(tmp_path: Path) -> N
     for name, live in (("data", one), ("data-2", two)):
         assert tree_digest(backups / "2" / "data" / name, dir_times=False) == tree_digest(live, dir_times=False)
     assert verify_snapshot(backups / "2") == []
+
+
+def test_the_lines_checked_where_they_landed_are_remembered_exactly_at_byte_edges_and_far_apart() -> None:
+    placed = Placed()
+    numbers = [2, 7, 8, 9, 15, 16, 1_000_000]
+    for number in numbers:
+        placed.add(number, "data/d" if number < 100 else "data/d/e")
+
+    assert [n for n in range(-1, 1_000_100) if n in placed] == numbers
+    assert 10**9 not in placed
+    assert placed.folders == {"data/d": 6, "data/d/e": 1}
