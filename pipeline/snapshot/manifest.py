@@ -230,15 +230,16 @@ class PreviousFiles:
         extended attribute change or replacement always moves ctime or the inode).
         """
         head = self._head
-        if head is not None and head[0] != rel:  # the walk passed files that are gone, or came to new ones
+        if head is None:
+            return None
+        if head[0] != rel:  # the walk passed files that are gone, or came to a new one
             key = walk_key(rel)
             while head is not None and walk_key(head[0]) < key:
                 head = self._next()
             self._head = head
             if head is None or head[0] != rel:
                 return None
-        if head is None:
-            return None
+        self._head = self._next()  # each path is asked for once, in walk order
         _path, end, line = head
         racy = info.st_ctime_ns >= self._racy_from
         if end:
