@@ -96,8 +96,9 @@ def verify_snapshot(
 _ROOT = '{"root":"'
 
 
-def _file_and_end(line: str) -> tuple[str, int] | None:
-    """The name of the file a line as this version writes it lists, and where its path ends; None otherwise."""
+def _file_as_written(base: str, line: str) -> str | None:
+    """The snapshot-relative name of a file whose line (as this version writes it) matches its copy's lstat
+    (type, size, mode, owner, mtime); None when it must be parsed and checked field by field."""
     if not line.startswith(_ROOT) or not line.endswith("}\n"):
         return None
     try:
@@ -109,16 +110,7 @@ def _file_and_end(line: str) -> tuple[str, int] | None:
         return None
     if not line.startswith(',"type":"file",', end):
         return None
-    return (f"{DATA}/{root}" if rel == "." else f"{DATA}/{root}/{rel}"), end
-
-
-def _file_as_written(base: str, line: str) -> str | None:
-    """The snapshot-relative name of a file whose line (as this version writes it) matches its copy's lstat
-    (type, size, mode, owner, mtime); None when it must be parsed and checked field by field."""
-    found = _file_and_end(line)
-    if found is None:
-        return None
-    name, end = found
+    name = f"{DATA}/{root}" if rel == "." else f"{DATA}/{root}/{rel}"
     try:
         info = os.lstat(f"{base}/{name}")
     except OSError:
