@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ControlRefused, FeedRejected, FetchFailed, FetchStopped, StepFailed
+from pipeline.inbox.arrival import move_in
 from pipeline.journal import FeedCheck, Journal, Setting
 from pipeline.release import installed_version
 from pipeline.schedule import local_text, machine_seed, next_check, zone, zone_name
@@ -270,10 +271,10 @@ class AutoUpdater(threading.Thread):
             _archive_url(feed_url, entry), length=entry.length, sha256=entry.sha256, part=part, reject_dir=reject_dir
         )
         self._check_head(part, entry, keys, reject_dir)
-        target = inbox / name
-        if target.exists():
-            raise FetchFailed(f"{name} appeared in the inbox meanwhile; the download stays in {part.name}")
-        os.rename(part, target)
+        try:
+            move_in(part, inbox / name)
+        except FileExistsError:
+            raise FetchFailed(f"{name} appeared in the inbox meanwhile; the download stays in {part.name}") from None
         self.journal.update_feed_check(
             check_id, downloading=None, fetched=name, fetched_sha256=entry.sha256, notes=entry.notes
         )

@@ -27,6 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.archive import parse_archive_name
 from pipeline.errors import ArchiveRejected, UploadRefused
+from pipeline.inbox.arrival import move_in
 
 MAX_FIELD_BYTES = 4096  # a text field of the import form (the CSRF token)
 MAX_HEADER_BYTES = 8192  # the headers of one part
@@ -295,11 +296,12 @@ class Receiver:
             raise UploadRefused(f"cannot write {self.part}: {error.strerror}", status=507) from error
         os.close(self._fd)
         self._fd = None
-        if self.target.exists() or self.target.is_symlink():
+        try:
+            move_in(self.part, self.target)
+        except FileExistsError:
             raise UploadRefused(
                 f"{self.target.name} appeared in the inbox meanwhile; this upload is dropped", status=409
-            )
-        os.rename(self.part, self.target)
+            ) from None
         with contextlib.suppress(OSError):
             dir_fd = os.open(self.inbox, os.O_RDONLY | os.O_DIRECTORY)
             try:

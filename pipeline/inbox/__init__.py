@@ -4,7 +4,8 @@
 opens each one once and answers through its descriptor, `intake` screens a
 taken file completely before its run exists (`hashing` hashes or copies it on
 worker threads, `leftovers` settles at start-up what a previous daemon left),
-`order` says in which order waiting runs start. `Inbox` is imported when first asked for, so that the
+`order` says in which order waiting runs start, `arrival` renames a finished import or download
+in without replacing anything. `Inbox` is imported when first asked for, so that the
 read-only commands (`status`) do not load watchdog.
 """
 
