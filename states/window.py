@@ -44,6 +44,8 @@ def _wait_for_window(ctx: StepContext) -> None:
         now = ctx.now()
         left = time_left(windows, tz, now)
         if left is not None and left >= expected:
+            if announced or ctx.facts.get("window_waiting"):
+                ctx.save_facts(window_waiting=False)
             ctx.event(f"maintenance window open ({left / 60:.0f} min left)")
             return
         opens = next_opening(windows, tz, now, lasting=expected)
@@ -55,6 +57,6 @@ def _wait_for_window(ctx: StepContext) -> None:
             )
             when = f"; the next that fits opens {local_text(opens, tz)}" if opens else "; no window within a week fits"
             ctx.event(f"waiting for a window ({', '.join(ctx.config.policy.windows)}, {zone_name(tz)}): {why}{when}")
-            ctx.save_facts(window_next_open=opens)
+            ctx.save_facts(window_next_open=opens, window_waiting=True)
             announced = True
         ctx.wait(min(POLL_SECONDS, max(0.5, opens - now)) if opens else POLL_SECONDS)

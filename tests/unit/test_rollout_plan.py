@@ -285,6 +285,10 @@ def test_the_run_of_a_dropped_archive_is_the_oldest_of_its_bytes_newer_than_the_
      "window"),
     ({"step": "window", "outcome": None, "events": [{"step": "prereq", "message": "ok"}]}, None),
     ({"step": "window", "outcome": None, "events": [{"step": "window", "message": "maintenance window open"}]}, None),
+    ({"step": "window", "outcome": None, "facts": {"window_waiting": True}, "events": []}, "window"),
+    ({"step": "window", "outcome": None, "facts": {"window_waiting": False},
+      "events": [{"step": "window", "message": "waiting for a window (x)"}]}, None),
+    ({"step": "window", "outcome": None, "facts": {}, "events": []}, None),
     ({"step": "backup", "outcome": None}, None),
     ({"step": "approval", "outcome": "rejected", "facts": {}}, None),
 ])

@@ -48,6 +48,14 @@ def test_a_run_inside_an_open_window_goes_on(tmp_path: Path) -> None:
                   policy={"windows": ["Mon-Tue 07:00-12:00"]})
     window.run(ctx)
     assert events(ctx) == ["maintenance window open (240 min left)"]
+    assert "window_waiting" not in ctx.reporter.facts  # type: ignore[attr-defined]
+
+
+def test_a_run_that_waited_before_a_restart_says_it_no_longer_waits_once_its_window_opens(tmp_path: Path) -> None:
+    ctx = context(tmp_path, now=MONDAY_8.timestamp(), facts={"downtime": True, "window_waiting": True},
+                  policy={"windows": ["Mon-Tue 07:00-12:00"]})
+    window.run(ctx)
+    assert ctx.reporter.facts["window_waiting"] is False  # type: ignore[attr-defined]
 
 
 def test_a_downtime_that_would_overrun_the_window_waits_and_says_when_one_that_fits_opens(tmp_path: Path) -> None:
@@ -77,6 +85,7 @@ def test_a_closed_window_names_the_next_opening_in_the_policy_zone(tmp_path: Pat
         "waiting for a window (Mon-Tue 07:00-12:00, Europe/Paris): no window is open; "
         "the next that fits opens 2026-11-23 07:00:00 CET"
     ]
+    assert ctx.reporter.facts["window_waiting"] is True  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,10 @@ def waiting_for(run: dict[str, Any]) -> str | None:
     if run.get("step") == "approval" and "approved_at" not in (run.get("facts") or {}):
         return "approval"
     if run.get("step") == "window":
+        facts = run.get("facts") or {}
+        if "window_waiting" in facts:
+            return "window" if facts["window_waiting"] else None
+        # A site whose dropgate predates that fact says it only in the window step's last event.
         events = run.get("events") or []
         last = events[-1] if events else {}
         if last.get("step") == "window" and str(last.get("message", "")).startswith("waiting"):
