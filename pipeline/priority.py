@@ -25,6 +25,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+from pipeline.libc import libc
+
 _IOPRIO_CLASS_SHIFT = 13
 _IOPRIO_WHO_PROCESS = 1  # with id 0: the calling thread
 _IO_CLASSES = {"best-effort": (2, 7), "idle": (3, 0)}  # (class, level): best-effort at its lowest level
@@ -62,8 +64,7 @@ class _StepContext(Protocol):
 
 
 def _syscall(number: int, *args: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = int(libc.syscall(number, *args))
+    result = int(libc().syscall(number, *args))
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))

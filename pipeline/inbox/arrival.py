@@ -14,12 +14,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from pipeline.libc import libc
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
 
 
 def move_in(part: Path, target: Path) -> None:
@@ -27,11 +28,17 @@ def move_in(part: Path, target: Path) -> None:
 
     FileExistsError naming `target` if it does; `part` is then left as it was.
     """
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(part), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(part), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
             return
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(code, os.strerror(code), str(part), None, str(target))
     os.link(part, target, follow_symlinks=False)
     os.unlink(part)
+
+
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2 (glibc 2.28 and later), None where it has none."""
+    return getattr(libc(), "renameat2", None)

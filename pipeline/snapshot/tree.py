@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import hashlib
 import os
@@ -12,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.libc import libc
 from pipeline.snapshot.layout import BUFFER
 
 _MODE_TEXT: dict[int, str] = {}
@@ -163,8 +163,7 @@ def sync_filesystem(path: Path) -> None:
     """Flush the filesystem of `path` to disk (syncfs; `sync` where it is unavailable)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
+        if libc().syncfs(fd) != 0:
             os.sync()
     except (OSError, AttributeError):
         os.sync()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 
@@ -27,14 +27,15 @@ from tests.conftest import DaemonProcess, Site, require_tool
 
 
 @contextmanager
-def killed_when_renaming(daemon: DaemonProcess, path: str) -> Iterator[None]:
-    """SIGKILL `daemon` the moment any of its threads renames `path` (before the rename happens)."""
+def killed_at(daemon: DaemonProcess, path: str, calls: str) -> Iterator[None]:
+    """SIGKILL `daemon` the moment any of its threads makes one of the system calls `calls` (comma-separated,
+    strace's names) on `path`, before the call happens."""
     strace = require_tool("strace")
     tracer = subprocess.Popen(
         [
             strace, "-f", "-p", str(daemon.pid), "-o", "/dev/null",
-            "-e", "trace=rename,renameat,renameat2", "-P", path,
-            "-e", "inject=rename,renameat,renameat2:signal=SIGKILL",
+            "-e", f"trace={calls}", "-P", path,
+            "-e", f"inject={calls}:signal=SIGKILL",
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -45,10 +46,20 @@ def killed_when_renaming(daemon: DaemonProcess, path: str) -> Iterator[None]:
         assert "attached" in attached, f"strace could not attach: {attached}{tracer.stderr.read()}"
         yield
         daemon.proc.wait(timeout=60)
-        assert daemon.proc.returncode == -9, "the daemon was not killed at the rename"
+        assert daemon.proc.returncode == -9, f"the daemon was not killed at {calls} of {path}"
     finally:
         tracer.kill()
         tracer.wait(timeout=30)
+
+
+def killed_when_renaming(daemon: DaemonProcess, path: str) -> AbstractContextManager[None]:
+    """SIGKILL `daemon` the moment it renames `path` (before the rename happens)."""
+    return killed_at(daemon, path, "rename,renameat,renameat2")
+
+
+def killed_when_opening(daemon: DaemonProcess, path: str) -> AbstractContextManager[None]:
+    """SIGKILL `daemon` the moment it opens `path` (e.g. a new run's log, written just after its commit)."""
+    return killed_at(daemon, path, "open,openat")
 
 
 def closed_window() -> str:
@@ -113,30 +124,6 @@ def test_a_rejection_answered_then_cut_short_by_sigkill_holds_after_the_restart(
     # run 2 has ended, so the runner has polled since: run 1 must not have moved
     assert site.run(1)["outcome"] == "rejected"  # type: ignore[index]
 
-
-
-@contextmanager
-def killed_when_opening(daemon: DaemonProcess, path: str) -> Iterator[None]:
-    """SIGKILL `daemon` the moment it opens `path` (here: the new run's log, written just after its commit)."""
-    strace = require_tool("strace")
-    tracer = subprocess.Popen(
-        [
-            strace, "-f", "-p", str(daemon.pid), "-o", "/dev/null", "-e", "trace=open,openat", "-P", path,
-            "-e", "inject=open,openat:signal=SIGKILL",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert tracer.stderr is not None
-    try:
-        attached = tracer.stderr.readline()
-        assert "attached" in attached, f"strace could not attach: {attached}{tracer.stderr.read()}"
-        yield
-        daemon.proc.wait(timeout=60)
-        assert daemon.proc.returncode == -9, "the daemon was not killed at the open"
-    finally:
-        tracer.kill()
-        tracer.wait(timeout=30)
 
 
 @pytest.mark.parametrize("how", ["asked twice", "answer lost to a crash"])

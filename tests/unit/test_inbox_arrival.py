@@ -33,7 +33,7 @@ def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways of moving in. A filesystem without RENAME_NOREPLACE cannot be mounted here: its absence is
     simulated by hiding the libc function, so the fallback runs on the same real files."""
     if request.param == "link-then-unlink":
-        monkeypatch.setattr(arrival, "_renameat2", None)
+        monkeypatch.setattr(arrival, "_renameat2", lambda: None)
     return str(request.param)
 
 
