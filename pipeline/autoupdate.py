@@ -52,19 +52,26 @@ CLOCK_HOOK = "DROPGATE_TEST_SCHEDULE_CLOCK"
 
 
 def schedule_clock() -> Callable[[], float]:
-    """The system clock, or the test hook's file when CLOCK_HOOK is set."""
+    """The system clock, or the test hook's file when CLOCK_HOOK is set (said once, in the daemon's log)."""
     hook = os.environ.get(CLOCK_HOOK)
     if not hook:
         return time.time
     log.warning("test hook %s: the nightly schedule reads its clock from %s", CLOCK_HOOK, hook)
+    return lambda: _hooked(hook)
 
-    def read() -> float:
-        try:
-            return float(Path(hook).read_text(encoding="ascii").strip())
-        except (OSError, ValueError):
-            return time.time()
 
-    return read
+def schedule_now() -> float:
+    """"Now" as the nightly schedule sees it: what `status` and `dropgate feed` compute the next check from,
+    so that they show the daemon's own schedule."""
+    hook = os.environ.get(CLOCK_HOOK)
+    return _hooked(hook) if hook else time.time()
+
+
+def _hooked(hook: str) -> float:
+    try:
+        return float(Path(hook).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return time.time()
 
 
 # -- the switch and the schedule ---------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,7 +186,7 @@ class FeedReport:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pipeline.autoupdate import view
+    from pipeline.autoupdate import schedule_now, view
     from pipeline.feed import MAX_FEED_BYTES
     from pipeline.fetcher import Fetcher
     from pipeline.report import daemon_pid, open_journal
@@ -196,7 +195,7 @@ def _show(args: argparse.Namespace) -> int:
     url = config.auto_update.feed
     journal = open_journal(config)
     try:
-        now = time.time()
+        now = schedule_now()  # the daemon's schedule and feed expiry read the same clock
         report = FeedReport(
             config,
             installed_version(config.platform.root),

@@ -235,11 +235,11 @@ def status_dict(
 
 def _unattended(config: SiteConfig, journal: Journal | None, now: float, *, running: bool) -> dict[str, Any]:
     """The nightly job and the maintenance windows, for `status` and the page."""
-    from pipeline.autoupdate import view
+    from pipeline.autoupdate import schedule_now, view
     from pipeline.schedule import describe_windows
 
     return {
-        "auto_update": view(config, journal, now=now, running=running),
+        "auto_update": view(config, journal, now=schedule_now(), running=running),
         "window": describe_windows(config.policy, now) if config.policy.windows else None,
     }
 

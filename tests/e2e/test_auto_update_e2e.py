@@ -1,8 +1,9 @@
 """Updates that arrive by themselves, end to end: the real daemon fetching from a real HTTPS server.
 
-The nightly schedule of the daemon under test reads its clock from a file
-(the documented test hook DROPGATE_TEST_SCHEDULE_CLOCK, pipeline/autoupdate.py):
-the test moves it to midnight instead of waiting for midnight. Everything
+The nightly schedule of the daemon under test, and of the CLI that shows it, reads
+its clock from a file (the documented test hook DROPGATE_TEST_SCHEDULE_CLOCK,
+pipeline/autoupdate.py): the test moves it to a midnight two days ahead instead of
+waiting for midnight. Everything
 else is real: TLS with a test CA, Range requests, SIGKILL, the CLI, the
 control socket, the journal across restarts. The waiting steps use the
 system clock: the window test waits for a real window to open.
@@ -40,10 +41,9 @@ class Night:
         ca.cert_pem.write_to_path(str(ca_pem))
         self.server = VendorServer(self.served, ca).start()
         self.clock_file = root / "schedule-clock"
-        now = time.time()
-        self.midnight = float((int(now) // 86400 + 1) * 86400)  # the next midnight, UTC
-        if self.midnight - now < 120:
-            self.midnight += 86400
+        # Two days after the real next midnight (UTC): a command that read the system clock instead of
+        # the schedule's would show another next check, whatever the time of day the suite runs at.
+        self.midnight = float((int(time.time()) // 86400 + 3) * 86400)
         self.set_clock(self.midnight - 30)
         site.write_config(auto_update={
             "enabled": True, "feed": self.server.url("feed.json"), "ca_file": str(ca_pem), "timezone": "UTC",
@@ -73,8 +73,10 @@ class Night:
 
 
 @pytest.fixture
-def night(site: Site, tmp_path: Path) -> Iterator[Night]:
+def night(site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Night]:
     sandbox = Night(site, tmp_path)
+    # The CLI reads the same clock as the daemon: `status` and `feed` show the daemon's own schedule.
+    monkeypatch.setenv(CLOCK_HOOK, str(sandbox.clock_file))
     yield sandbox
     sandbox.server.stop()
 
