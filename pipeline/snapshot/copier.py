@@ -336,14 +336,73 @@ def link_previous(previous_copy: str, dst: str, holds: Callable[[os.stat_result]
     and the check is of the very entry the new snapshot holds.
     """
     try:
-        os.link(previous_copy, dst)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+        os.link(previous_copy, dst)  # link(2): a symbolic link is linked, not followed
     except OSError as error:
-        if error.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM):
+        if _refused(error):
             return False
         raise
     if holds(os.lstat(dst)):
         return True
     os.unlink(dst)
     return False
+
+
+def _refused(error: OSError) -> bool:
+    """A link that cannot be made for this file (gone, too many links, another filesystem): copy it instead."""
+    return isinstance(error, (FileNotFoundError, NotADirectoryError)) or error.errno in (
+        errno.EMLINK,
+        errno.EXDEV,
+        errno.EPERM,
+    )
+
+
+class Sharer:
+    """`link_previous` for the files the walk shares, by names relative to open folders.
+
+    The walk shares a folder's files one after the other: the previous copy's folder
+    and the new one are opened once (without following a link) and each file then
+    costs a lookup of its own name, not of its whole path, in the link and in the check.
+    """
+
+    _FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self) -> None:
+        self._folders: tuple[str, str] = ("", "")
+        self._fds: tuple[int, int] = (-1, -1)
+
+    def link(self, previous_copy: str, dst: str, holds: Callable[[os.stat_result], bool]) -> bool:
+        previous_folder, _, previous_name = previous_copy.rpartition("/")
+        folder, _, name = dst.rpartition("/")
+        if (previous_folder, folder) != self._folders:
+            self._open(previous_folder, folder)
+        source_fd, fd = self._fds
+        if source_fd < 0:
+            return False  # the previous snapshot has no such folder
+        try:
+            os.link(previous_name, name, src_dir_fd=source_fd, dst_dir_fd=fd, follow_symlinks=False)
+        except OSError as error:
+            if _refused(error):
+                return False
+            raise
+        if holds(os.stat(name, dir_fd=fd, follow_symlinks=False)):
+            return True
+        os.unlink(name, dir_fd=fd)
+        return False
+
+    def _open(self, previous_folder: str, folder: str) -> None:
+        self.close()
+        fd = os.open(folder, self._FOLDER)
+        try:
+            source_fd = os.open(previous_folder, self._FOLDER)
+        except OSError as error:
+            if not _refused(error) and error.errno != errno.ELOOP:
+                os.close(fd)
+                raise
+            source_fd = -1
+        self._folders, self._fds = (previous_folder, folder), (source_fd, fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            if fd >= 0:
+                os.close(fd)
+        self._folders, self._fds = ("", ""), (-1, -1)

@@ -175,10 +175,14 @@ class Placed:
         return byte < len(self._bits) and bool(self._bits[byte] >> (number & 7) & 1)
 
 
-_FILE_FIELDS = (
-    ',"type":"file","size":{size},"mode":"{mode}","uid":{uid},"gid":{gid},"mtime_ns":{mtime},'
-    '"src_dev":{dev},"src_ino":{ino},"src_ctime_ns":{ctime},"sha256":"'
-)
+def _file_fields(info: os.stat_result) -> str:
+    """What follows the path in a file's line as this version writes it, up to its hash, for a file whose lstat
+    is `info` (an f-string: this runs once per file of every snapshot)."""
+    return (
+        f',"type":"file","size":{info.st_size},"mode":"{mode_text(info)}","uid":{info.st_uid},"gid":{info.st_gid},'
+        f'"mtime_ns":{info.st_mtime_ns},"src_dev":{info.st_dev},"src_ino":{info.st_ino},'
+        f'"src_ctime_ns":{info.st_ctime_ns},"sha256":"'
+    )
 
 
 class PreviousFiles:
@@ -242,19 +246,8 @@ class PreviousFiles:
         self._head = self._next()  # each path is asked for once, in walk order
         _path, end, line = head
         racy = info.st_ctime_ns >= self._racy_from
-        if end:
-            fields = _FILE_FIELDS.format(
-                size=info.st_size,
-                mode=mode_text(info),
-                uid=info.st_uid,
-                gid=info.st_gid,
-                mtime=info.st_mtime_ns,
-                dev=info.st_dev,
-                ino=info.st_ino,
-                ctime=info.st_ctime_ns,
-            )
-            if line.startswith(fields, end):
-                return Match(line, racy, info)
+        if end and line.startswith(_file_fields(info), end):
+            return Match(line, racy, info)
         try:
             entry = json.loads(line)
         except ValueError:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import NoSpace, SnapshotError
 from pipeline.snapshot.catalog import SnapshotInfo, read_summary, write_json_atomic
-from pipeline.snapshot.copier import Copied, Copier, link_previous
+from pipeline.snapshot.copier import Copied, Copier, Sharer, link_previous
 from pipeline.snapshot.layout import (
     BLOCK,
     BUFFER,
@@ -313,6 +313,7 @@ def _fill(
     owner = can_chown()
     names = root_names(sources)
     copier = Copier(reflink, write)
+    sharer = Sharer()  # unchanged files: linked from the previous snapshot
     counts = dict.fromkeys(
         ("files", "dirs", "bytes", "new_files", "new_bytes", "shared_files", "changing_files", "vanished_files"), 0
     )
@@ -324,7 +325,7 @@ def _fill(
     in_flight = 0
     limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
     backups = partial.parent
-    doing, where = "", ""
+    doing, where = "", ""  # what was being done (`{}`: where), for the error
 
     def translate(error: OSError, what: str, path: str | Path, this_file: int) -> SnapshotError:
         left = max(0, throttle.expected - throttle.done) + this_file
@@ -355,8 +356,8 @@ def _fill(
                 settle_one(item, copied)
 
     def settle_one(item: _Copy, copied: Copied | OSError | None) -> None:
-        if isinstance(copied, FileNotFoundError) and copied.filename == item.src:
-            counts["vanished_files"] += 1  # removed by the platform since the walk saw it
+        if isinstance(copied, (FileNotFoundError, NotADirectoryError)) and copied.filename == item.src:
+            counts["vanished_files"] += 1  # removed by the platform since the walk saw it, or its folder was
             counts["files"] -= 1
             return
         if isinstance(copied, OSError):
@@ -396,7 +397,7 @@ def _fill(
             "roots": [{"name": name, "source": str(src)} for name, src in zip(names, sources, strict=True)],
         }
         manifest.add(encode_entry(header))
-        doing, where = f"creating {partial / DATA}", str(partial / DATA)
+        doing, where = "creating {}", str(partial / DATA)
         (partial / DATA).mkdir()
         for name, source_path in zip(names, sources, strict=True):
             source, base = str(source_path), str(partial / DATA / name)
@@ -426,16 +427,20 @@ def _fill(
                             continue
                     src = source if rel == "." else f"{source}/{rel}"
                     dst = base if rel == "." else f"{base}/{rel}"
-                    doing, where = f"creating {dst}", dst
+                    doing, where = "creating {}", dst
                     if kind == "file" and not second_name:
                         counts["files"] += 1
                         if match is not None and not match.racy:
-                            if link_previous(prev.copy_of(source, rel), dst, match.holds):
-                                push(_shared_line(match, name, renamed=renamed), entry_folder(name, rel))
+                            if sharer.link(prev.copy_of(source, rel), dst, match.holds):
+                                line, folder = _shared_line(match, name, renamed=renamed), entry_folder(name, rel)
+                                if window:
+                                    push(line, folder)
+                                    settle(block=False)
+                                else:  # no copy holds a place before it
+                                    manifest.add(line, folder)
                                 counts["shared_files"] += 1
                                 counts["bytes"] += info.st_size
                                 throttle.add(info.st_size)
-                                settle(block=False)
                                 continue
                             match = None
                         item = _Copy(
@@ -496,7 +501,7 @@ def _fill(
             if links and not short:
                 settle(block=True)
                 for first_copy, dst, entry in links:
-                    doing, where = f"creating {dst}", dst
+                    doing, where = "creating {}", dst
                     try:
                         os.link(first_copy, dst)
                     except FileNotFoundError:
@@ -511,15 +516,16 @@ def _fill(
             raise refused
         settle(block=True)
         for dst, entry in reversed(folders):
-            doing, where = f"setting the times of {dst}", dst
+            doing, where = "setting the times of {}", dst
             apply_meta(dst, entry, owner)
         dump_sizes = _run_dumps(
             partial, dumps, manifest=manifest, checkpoint=checkpoint, throttle=throttle, space=space
         )
         manifest.close()
     except OSError as error:
-        raise translate(error, doing, where, BLOCK) from error
+        raise translate(error, doing.format(where), where, BLOCK) from error
     finally:
+        sharer.close()
         copier.stop.set()  # nothing is left to copy on success; on failure, copies in progress end early
         pool.shutdown(wait=True, cancel_futures=True)
         copier.close()

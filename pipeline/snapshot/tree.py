@@ -25,10 +25,21 @@ def mode_text(info: os.stat_result) -> str:
     return text
 
 
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # a folder removed, or replaced by a file or a link
+
+
+def _name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
 def walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """Every entry under `root` (folders before their content, names sorted), with its lstat.
 
-    `root` itself comes first as ".". Entries that vanish meanwhile are skipped.
+    `root` itself comes first as ".". Entries that vanish meanwhile are skipped. Each
+    folder is opened without following a symbolic link, and its entries are looked at
+    relative to it (no lookup walks the whole path again): a folder replaced by a link
+    after it was listed is not followed, its content is skipped as if it had vanished.
     """
     info = os.lstat(root)
     yield ".", info
@@ -37,22 +48,27 @@ def walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     pending: list[str] = [""]
     while pending:
         rel = pending.pop()
-        folder = os.path.join(root, rel) if rel else str(root)
         try:
-            with os.scandir(folder) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
-        except FileNotFoundError:
-            continue
-        subfolders = []
-        for entry in entries:
-            child = f"{rel}/{entry.name}" if rel else entry.name
-            try:
-                child_info = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            fd = os.open(os.path.join(root, rel) if rel else root, _FOLDER)
+        except OSError as error:
+            if error.errno in _GONE:
                 continue
-            yield child, child_info
-            if stat.S_ISDIR(child_info.st_mode):
-                subfolders.append(child)
+            raise
+        subfolders = []
+        try:
+            with os.scandir(fd) as scan:
+                entries = sorted(scan, key=_name)
+            for entry in entries:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    child_info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield child, child_info
+                if stat.S_ISDIR(child_info.st_mode):
+                    subfolders.append(child)
+        finally:
+            os.close(fd)
         pending.extend(reversed(subfolders))
 
 

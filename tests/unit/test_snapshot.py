@@ -405,6 +405,78 @@ def test_a_file_removed_by_the_platform_during_the_snapshot_is_left_out(tmp_path
     assert verify_snapshot(backups / "1") == []
 
 
+@pytest.mark.parametrize("swap", ["link-to-outside", "link-to-a-sibling", "file", "removed"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-snapshot", "second-snapshot"])
+def test_a_folder_swapped_after_the_walk_listed_it_is_never_followed(
+    tmp_path: Path, backups: Path, swap: str, first: bool
+) -> None:
+    """The walk lists `m/` (a folder) and `z`; while it looks at `z`, before it goes into `m/`, the folder is
+    replaced. A link in its place must not lead the snapshot (or a restore of it) into other files."""
+    live = tmp_path / "data"
+    (live / "m").mkdir(parents=True)
+    (live / "m" / "inside.txt").write_text("in m")
+    (live / "s").mkdir()
+    (live / "s" / "sibling.txt").write_text("in s")
+    (live / "z").write_text("z")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.key").write_text("not platform data")
+    if not first:
+        take_snapshot([live], backups / "0", run_id=0)
+    calls: list[int] = []
+
+    def platform_swaps_m() -> None:
+        calls.append(1)
+        if len(calls) == 4:  # ".", "m", "s", "z": the walk has listed the top folder, and not yet entered `m/`
+            shutil.rmtree(live / "m")
+            if swap == "link-to-outside":
+                (live / "m").symlink_to(outside)
+            elif swap == "link-to-a-sibling":
+                (live / "m").symlink_to("s")
+            elif swap == "file":
+                (live / "m").write_text("a file now")
+
+    info = take_snapshot(
+        [live], backups / "1", backups / "0" if not first else None, run_id=1, checkpoint=platform_swaps_m, workers=1
+    )
+
+    # The folder is kept as the walk listed it, empty: nothing of what the link leads to is copied
+    copy = backups / "1" / "data" / "data"
+    assert (copy / "m").is_dir() and not (copy / "m").is_symlink()
+    assert os.listdir(copy / "m") == []
+    assert sorted(p.name for p in copy.rglob("*")) == ["m", "s", "sibling.txt", "z"]
+    assert info.files == 2
+    assert verify_snapshot(backups / "1") == []
+    assert (outside / "secret.key").read_text() == "not platform data"
+
+
+@pytest.mark.parametrize("replaced_by", ["file", "nothing"])
+def test_a_folder_replaced_while_its_files_are_copied_leaves_them_out_and_the_snapshot_succeeds(
+    tmp_path: Path, backups: Path, replaced_by: str
+) -> None:
+    """The walk is inside `m/` (its files listed) when the platform replaces the folder: its files have vanished."""
+    live = tmp_path / "data"
+    (live / "m").mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+        (live / "m" / name).write_text(name)
+    (live / "z").write_text("z")
+    calls: list[int] = []
+
+    def platform_replaces_m() -> None:
+        calls.append(1)
+        if len(calls) == 4:  # ".", "m", "z", "m/a.txt": inside `m/`, before its first file is copied
+            shutil.rmtree(live / "m")
+            if replaced_by == "file":
+                (live / "m").write_text("a file now")
+
+    info = take_snapshot([live], backups / "1", run_id=1, checkpoint=platform_replaces_m, workers=1)
+
+    # (a.txt was being copied: it vanished; b.txt, not yet looked at, is simply not there any more)
+    assert (info.files, info.vanished_files) == (1, 1)
+    assert os.listdir(backups / "1" / "data" / "data" / "m") == []
+    assert verify_snapshot(backups / "1") == []
+
+
 def test_a_file_that_keeps_changing_while_copied_is_kept_as_copied_and_verifies(tmp_path: Path, backups: Path) -> None:
     """The platform appends to a log while it is copied (an injected write: the copy's own writes trigger it)."""
     live = tmp_path / "data"
