@@ -142,10 +142,15 @@ class Match:
             self._entry = json.loads(self.line)
         return self._entry
 
+    @property
+    def expected(self) -> tuple[int, int, int]:
+        """The mode, size and mtime (ns) a copy must have to hold the recorded file (the live file's: they match)."""
+        live = self._live
+        return live.st_mode, live.st_size, live.st_mtime_ns
+
     def holds(self, copy: os.stat_result) -> bool:
         """Whether a copy whose lstat is `copy` is a regular file with the recorded size, mtime and mode."""
-        live = self._live  # a regular file, matched to the record
-        return (copy.st_mode, copy.st_size, copy.st_mtime_ns) == (live.st_mode, live.st_size, live.st_mtime_ns)
+        return (copy.st_mode, copy.st_size, copy.st_mtime_ns) == self.expected
 
 
 class Placed:
@@ -279,6 +284,7 @@ class Previous:
     dumps: dict[str, int]
     racy_from: int = 0
     bytes: int = 0  # what its data paths held
+    file_count: int = 0
     _bases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -299,7 +305,7 @@ class Previous:
             raise SnapshotError(f"{previous / MANIFEST}: changed since the snapshot was taken")
         header = next(iter_manifest(previous))
         names = {root["source"]: root["name"] for root in header["roots"]}
-        return cls(info.run, previous, names, dict(info.dumps), racy_from_ns(header), info.bytes)
+        return cls(info.run, previous, names, dict(info.dumps), racy_from_ns(header), info.bytes, info.files)
 
     def files(self, source: str) -> PreviousFiles:
         """A reader of the previous files of the data path `source` (close it when done)."""

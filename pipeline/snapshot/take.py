@@ -29,6 +29,7 @@ from pipeline.snapshot.layout import (
     partial_dir,
     root_names,
 )
+from pipeline.snapshot.linker import REFUSED, LinkHelper
 from pipeline.snapshot.manifest import Match, Placed, Previous, encode_entry
 from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
 from pipeline.snapshot.space import Space, Tally, disk_error, estimate_with, probe_space, refusal
@@ -246,7 +247,26 @@ class _InFlight:
     future: Future[list[Copied | OSError | None]] | None = None
 
 
+@dataclass(slots=True)
+class _Linking:
+    """Unchanged files of one folder, linked by the helper process (`linker`): they hold their place among
+    the manifest lines. Not submitted while the walk may still add files of the folder."""
+
+    root: str  # the data path's name in this snapshot
+    renamed: bool
+    source: str  # the live data path, and where its copy goes
+    base: str
+    folder: str  # relative to the data path ("": its top)
+    files: list[tuple[str, int, Match]]  # name, size, previous record
+    future: Future[list[int]] | None = None
+
+    def path(self, name: str) -> str:
+        return f"{self.folder}/{name}" if self.folder else name
+
+
 _BATCH_FILES, _BATCH_BYTES = 64, 4 << 20  # small files copied by one task (the pool's cost is per task)
+_LINK_BATCH = 512  # unchanged files of a folder sent to the link helper in one message
+_LINK_HELPER_FILES = 2000  # a previous snapshot with fewer files is linked by the walk itself
 
 
 def _copy_files(copier: Copier, files: Sequence[_Copy], owner: bool) -> list[Copied | OSError | None]:
@@ -313,7 +333,13 @@ def _fill(
     owner = can_chown()
     names = root_names(sources)
     copier = Copier(reflink, write)
-    sharer = Sharer()  # unchanged files: linked from the previous snapshot
+    sharer = Sharer()  # unchanged files: linked from the previous snapshot by the walk, or by a helper process
+    helper = None
+    if prev.file_count >= _LINK_HELPER_FILES:
+        try:
+            helper = LinkHelper()
+        except OSError:
+            helper = None  # no process to be had: the walk links them itself
     counts = dict.fromkeys(
         ("files", "dirs", "bytes", "new_files", "new_bytes", "shared_files", "changing_files", "vanished_files"), 0
     )
@@ -321,7 +347,7 @@ def _fill(
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
     # Manifest lines in walk order (each with its folder if its entry was checked where it landed), and copies
     # holding their place.
-    window: deque[tuple[str, str | None] | _InFlight] = deque()
+    window: deque[tuple[str, str | None] | _InFlight | _Linking] = deque()
     in_flight = 0
     limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
     backups = partial.parent
@@ -334,8 +360,38 @@ def _fill(
     manifest = _ManifestFile(partial / MANIFEST, translate)
     tally, short = Tally(dump_hint), False  # with a guard: what the snapshot needs so far; over it: stop writing
 
-    def submit(batch: _InFlight) -> None:
-        batch.future = pool.submit(_copy_files, copier, batch.files, owner)
+    def submit(batch: _InFlight | _Linking) -> None:
+        if isinstance(batch, _InFlight):
+            batch.future = pool.submit(_copy_files, copier, batch.files, owner)
+            return
+        assert helper is not None
+        top = prev.copy_of(batch.source, ".")
+        folder = f"{batch.base}/{batch.folder}" if batch.folder else batch.base
+        expected = [number for _name, _size, match in batch.files for number in match.expected]
+        previous_folder = f"{top}/{batch.folder}" if batch.folder else top
+        batch.future = helper.submit(previous_folder, folder, [name for name, _, _ in batch.files], expected)
+
+    def settle_links(batch: _Linking, codes: Sequence[int]) -> None:
+        """The helper's answers, in walk order: a linked file's line as it was; any other, copied here."""
+        placed_in = entry_folder(batch.root, batch.path("x"))
+        for (name, size, match), code in zip(batch.files, codes, strict=True):
+            if code == 0:
+                manifest.add(_shared_line(match, batch.root, renamed=batch.renamed), placed_in)
+                counts["shared_files"] += 1
+                counts["bytes"] += size
+                throttle.add(size)
+                continue
+            rel = batch.path(name)
+            item = _Copy({"root": batch.root, "path": rel, "type": "file"}, f"{batch.source}/{rel}",
+                         f"{batch.base}/{rel}", None, None, size, batch.renamed)
+            if code != REFUSED:
+                settle_one(item, OSError(code, os.strerror(code), item.dst))
+                continue
+            try:  # the previous copy is gone or not as recorded (rare): copied here and now
+                copied: Copied | OSError = copier.copy(item.src, item.dst, owner)
+            except OSError as error:
+                copied = error
+            settle_one(item, copied)
 
     def settle(block: bool) -> None:
         nonlocal in_flight
@@ -346,12 +402,17 @@ def _fill(
                 window.popleft()
                 continue
             if head.future is None:
+                if isinstance(head, _Linking) and head is window[-1] and not block:
+                    return  # the walk may still add files of this folder
                 submit(head)
             assert head.future is not None
             if not (block or in_flight >= limit or len(window) >= most or head.future.done()):
                 return
             window.popleft()
             in_flight -= 1
+            if isinstance(head, _Linking):
+                settle_links(head, head.future.result())
+                continue
             for item, copied in zip(head.files, head.future.result(), strict=True):
                 settle_one(item, copied)
 
@@ -384,7 +445,7 @@ def _fill(
 
     def push(line: str, placed_in: str | None = None) -> None:
         """A manifest line after those of the files already on their way (an open batch closes)."""
-        if window and isinstance(window[-1], _InFlight) and window[-1].future is None:
+        if window and not isinstance(window[-1], tuple) and window[-1].future is None:
             submit(window[-1])
         window.append((line, placed_in))
 
@@ -430,6 +491,25 @@ def _fill(
                     doing, where = "creating {}", dst
                     if kind == "file" and not second_name:
                         counts["files"] += 1
+                        if match is not None and not match.racy and helper is not None and rel != ".":
+                            folder, _, file_name = rel.rpartition("/")
+                            last = window[-1] if window else None
+                            if (
+                                isinstance(last, _Linking)
+                                and last.future is None
+                                and last.folder == folder
+                                and len(last.files) < _LINK_BATCH
+                            ):
+                                last.files.append((file_name, info.st_size, match))
+                                continue
+                            if isinstance(last, (_InFlight, _Linking)) and last.future is None:
+                                submit(last)
+                            window.append(
+                                _Linking(name, renamed, source, base, folder, [(file_name, info.st_size, match)])
+                            )
+                            in_flight += 1
+                            settle(block=False)
+                            continue
                         if match is not None and not match.racy:
                             if sharer.link(prev.copy_of(source, rel), dst, match.holds):
                                 line, folder = _shared_line(match, name, renamed=renamed), entry_folder(name, rel)
@@ -464,7 +544,7 @@ def _fill(
                             last.files.append(item)  # a small file joins the batch just before it
                             last.bytes += info.st_size
                         else:
-                            if isinstance(last, _InFlight) and last.future is None:
+                            if isinstance(last, (_InFlight, _Linking)) and last.future is None:
                                 submit(last)
                             window.append(_InFlight([item], info.st_size))
                             in_flight += 1
@@ -525,6 +605,8 @@ def _fill(
     except OSError as error:
         raise translate(error, doing.format(where), where, BLOCK) from error
     finally:
+        if helper is not None:
+            helper.close()  # killed and waited for: nothing links into the partial folder once it is removed
         sharer.close()
         copier.stop.set()  # nothing is left to copy on success; on failure, copies in progress end early
         pool.shutdown(wait=True, cancel_futures=True)

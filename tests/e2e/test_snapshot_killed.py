@@ -13,10 +13,13 @@ of the copy (not after the whole file), and the run is `interrupted`, not failed
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 from pathlib import Path
+
+import psutil
 
 from tests.conftest import Site, require_tool, wait_for
 from tests.e2e.test_killed_inside_commands import killed_when_opening
@@ -128,3 +131,58 @@ def test_a_second_sigterm_stops_a_restore_in_the_middle_of_a_huge_file(site: Sit
     result = site.cli("rollback", "1", timeout=300)
     assert result.returncode == 0, result.stderr
     assert tree_digest(data) == before
+
+
+def link_helpers(pid: int) -> list[psutil.Process]:
+    """The snapshot link helpers (pipeline/snapshot/linker.py) the daemon `pid` started."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [child for child in children if {"-I", "-S"} <= set(child.cmdline())]
+
+
+def test_a_daemon_killed_while_its_link_helper_links_takes_the_helper_along(site: Site) -> None:
+    # Given 3,000 files (a later snapshot links them through a helper process) and a first snapshot of them
+    data = site.data
+    for number in range(3000):
+        folder = data / f"d{number % 30:02d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"f{number:04d}").write_bytes(b"x" * (number % 50))
+    daemon = site.start_daemon()
+    site.drop(site.pack("1.0.1"))
+    assert site.wait_outcome(1, timeout=300)["outcome"] == "succeeded"
+    # When the next backup's helper links them, each link slowed to 20 ms (strace follows the helper),
+    # and the daemon is killed once a hundred are made
+    strace = require_tool("strace")
+    tracer = subprocess.Popen(
+        [strace, "-f", "-p", str(daemon.pid), "-o", "/dev/null", "-e", "trace=linkat",
+         "-e", "inject=linkat:delay_enter=20000"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    partial = site.backups / ".2.partial" / "data" / "data"
+    try:
+        assert tracer.stderr is not None and "attached" in tracer.stderr.readline()
+        site.drop(site.pack("1.0.2"))
+        helper = wait_for(lambda: next(iter(link_helpers(daemon.pid)), None), timeout=120, what="the link helper")
+        wait_for(lambda: len(list(partial.glob("d*/f*"))) > 100, timeout=120, what="a hundred links")
+        daemon.kill()
+        # Then the helper dies with the daemon, at once (it does not link the rest into the partial snapshot)
+        wait_for(
+            lambda: not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE,
+            timeout=10, what="the helper to die with the daemon",
+        )
+    finally:
+        tracer.kill()
+        tracer.wait(timeout=30)
+    # and after a restart the run is interrupted, the half-made snapshot is never used, and the next one shares
+    site.start_daemon()
+    assert site.wait_outcome(2)["outcome"] == "interrupted"
+    assert not (site.backups / "2").exists()
+    assert site.cli("resolve", "2", "--note", "nothing was changed").returncode == 0
+    site.drop(site.pack("1.0.3"))
+    assert site.wait_outcome(3, timeout=300)["outcome"] == "succeeded"
+    assert not [name for name in os.listdir(site.backups) if name.endswith(".partial")]
+    summary = json.loads((site.backups / "3" / "snapshot.json").read_text())
+    assert summary["shared_files"] >= 3000, summary
+    assert site.cli("backups", "verify", "3").returncode == 0

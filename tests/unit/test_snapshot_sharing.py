@@ -17,13 +17,15 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline import snapshot
-from pipeline.errors import NoSpace
+from pipeline.errors import NoSpace, SnapshotError, StepAborted
 from pipeline.snapshot import (
     read_manifest,
     restore_snapshot,
+    take,
     take_snapshot,
     verify_snapshot,
 )
@@ -101,7 +103,7 @@ def test_the_manifest_lists_each_data_path_in_walk_order_whatever_order_copies_f
     assert [e["path"] for e in entries] == [".", *walk_order(live)]
 
 
-def test_shared_files_carry_their_previous_manifest_lines_unchanged(live: Path, tmp_path: Path) -> None:
+def test_shared_files_carry_their_previous_manifest_lines_unchanged(live: Path, tmp_path: Path, linker: str) -> None:
     backups = tmp_path / "b"
     take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)  # nothing racy
     (live / "b" / "f004.bin").write_bytes(b"changed")
@@ -179,10 +181,19 @@ def _tamper(copy: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+@pytest.fixture(params=["walk", "helper"])
+def linker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Who links the unchanged files: the walk itself, or the helper process (which large snapshots use,
+    here made to serve a small one as well)."""
+    if request.param == "helper":
+        monkeypatch.setattr(take, "_LINK_HELPER_FILES", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("racy", [False, True], ids=["trusted-on-stat", "racy"])
 @pytest.mark.parametrize("how", ["size", "mtime", "mode", "removed", "symlink", "fifo", "folder"])
 def test_a_previous_copy_changed_in_the_backups_folder_is_copied_afresh_not_carried_forward(
-    live: Path, tmp_path: Path, how: str, racy: bool
+    live: Path, tmp_path: Path, how: str, racy: bool, linker: str
 ) -> None:
     # Given a previous snapshot whose copy of one unchanged live file was changed or replaced since
     backups = tmp_path / "b"
@@ -256,7 +267,7 @@ def test_a_previous_manifest_out_of_walk_order_costs_copies_never_correctness(li
     assert tree_digest(backups / "2" / "data" / "data", dir_times=False) == tree_digest(live, dir_times=False)
 
 
-def test_a_data_path_that_is_one_file_is_shared_by_the_next_snapshot(tmp_path: Path) -> None:
+def test_a_data_path_that_is_one_file_is_shared_by_the_next_snapshot(tmp_path: Path, linker: str) -> None:
     single = tmp_path / "license.key"
     single.write_text("LICENSE\n")
     take_snapshot([single], tmp_path / "b" / "1", run_id=1, now=lambda: time.time() + 10)
@@ -267,7 +278,7 @@ def test_a_data_path_that_is_one_file_is_shared_by_the_next_snapshot(tmp_path: P
     assert verify_snapshot(tmp_path / "b" / "2") == []
 
 
-def test_a_data_path_under_another_folder_name_is_still_shared(tmp_path: Path) -> None:
+def test_a_data_path_under_another_folder_name_is_still_shared(tmp_path: Path, linker: str) -> None:
     # Given two data paths with the same base name (data, data-2), then only the second one
     one, two = tmp_path / "x" / "data", tmp_path / "y" / "data"
     make_tree(one, 12)
@@ -436,3 +447,99 @@ def test_the_lines_checked_where_they_landed_are_remembered_exactly_at_byte_edge
     assert [n for n in range(-1, 1_000_100) if n in placed] == numbers
     assert 10**9 not in placed
     assert placed.folders == {"data/d": 6, "data/d/e": 1}
+
+
+def _helpers() -> list[psutil.Process]:
+    """This process's link helpers (children running the helper's code)."""
+    return [child for child in psutil.Process().children() if "-I" in child.cmdline() and "-S" in child.cmdline()]
+
+
+def big_tree(root: Path, files: int) -> list[Path]:
+    """`files` small files in 60 folders two levels deep, some with names that are not UTF-8 or hold spaces."""
+    paths = []
+    for n in range(files):
+        folder = root / f"d{n % 6}" / f"s{n % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"f {n:05d}.txt" if n % 7 else f"f{n:05d}-\udce9t\udce9.txt"  # Latin-1 bytes, as surrogates
+        path = folder / name
+        path.write_bytes(b"%d\n" % n * (n % 13))
+        paths.append(path)
+    return paths
+
+
+def test_a_large_tree_is_shared_by_the_link_helper_exactly_as_the_walk_would(tmp_path: Path) -> None:
+    # Given 3,000 files (enough for the link helper), a first snapshot, and 30 files changed since
+    live, backups = tmp_path / "data", tmp_path / "b"
+    paths = big_tree(live, 3000)
+    take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)
+    for path in paths[::100]:
+        path.write_bytes(b"changed")
+    seen: list[int] = []
+
+    def watch() -> None:
+        seen.append(len(_helpers()))
+
+    # When the next snapshot runs
+    info = take_snapshot([live], backups / "2", backups / "1", run_id=2, checkpoint=watch)
+
+    # Then a helper linked the unchanged files, and the result is what the walk alone makes: the same lines,
+    # one inode per unchanged file shared with the previous copy, the changed ones copied, every hash right
+    assert max(seen) == 1 and _helpers() == []
+    assert (info.shared_files, info.new_files) == (2970, 30)
+    changed = {os.fsencode(str(p.relative_to(live))) for p in paths[::100]}
+    first, second = file_lines(backups / "1"), file_lines(backups / "2")
+    unchanged = [line for line in first if os.fsencode(json.loads(line)["path"]) not in changed]
+    assert [line for line in second if os.fsencode(json.loads(line)["path"]) not in changed] == unchanged
+    for path in paths[::37]:
+        rel = path.relative_to(live)
+        copy, previous = backups / "2" / "data" / "data" / rel, backups / "1" / "data" / "data" / rel
+        shared = os.fsencode(str(rel)) not in changed
+        assert (copy.stat().st_ino == previous.stat().st_ino) is shared, rel
+        assert copy.read_bytes() == path.read_bytes()
+    assert verify_snapshot(backups / "2") == []
+
+
+@pytest.mark.parametrize("at", [5, 900, 2500])
+def test_a_snapshot_stopped_while_the_helper_links_leaves_no_helper_and_no_partial_folder(
+    tmp_path: Path, at: int
+) -> None:
+    live, backups = tmp_path / "data", tmp_path / "b"
+    big_tree(live, 3000)
+    take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)
+    before = tree_digest(backups / "1")
+    calls: list[int] = []
+
+    def stop_at() -> None:
+        calls.append(1)
+        if len(calls) == at:
+            raise StepAborted("backup was stopped: the operator asked")
+
+    with pytest.raises(StepAborted):
+        take_snapshot([live], backups / "2", backups / "1", run_id=2, checkpoint=stop_at)
+
+    assert _helpers() == []
+    assert sorted(os.listdir(backups)) == ["1"]
+    assert tree_digest(backups / "1") == before
+    assert verify_snapshot(backups / "1") == []
+
+
+@pytest.mark.parametrize("at", [5, 1500])
+def test_a_helper_killed_mid_snapshot_fails_it_cleanly_and_the_next_one_succeeds(tmp_path: Path, at: int) -> None:
+    live, backups = tmp_path / "data", tmp_path / "b"
+    big_tree(live, 3000)
+    take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)
+    calls: list[int] = []
+
+    def kill_helper_at() -> None:
+        calls.append(1)
+        if len(calls) == at:
+            for helper in _helpers():
+                helper.kill()
+
+    with pytest.raises(SnapshotError, match="link helper stopped"):
+        take_snapshot([live], backups / "2", backups / "1", run_id=2, checkpoint=kill_helper_at)
+
+    assert sorted(os.listdir(backups)) == ["1"]
+    info = take_snapshot([live], backups / "2", backups / "1", run_id=2)
+    assert info.shared_files == 3000
+    assert verify_snapshot(backups / "2") == []
