@@ -42,7 +42,8 @@ modes, owners and mtimes are set back.
 The package, by responsibility: `layout` (names), `tree` (walk, metadata, hashes),
 `manifest` (reading it; the previous snapshot's files), `catalog` (summaries,
 listing, pruning), `space` (estimates, a full disk), `progress` (reporting,
-stopping), `copier` (one file), `take`, `verify`, `restore`.
+stopping), `copier` (one file), `linker` (the helper process that links a large
+snapshot's unchanged files), `take`, `verify`, `restore`.
 """
 
 from __future__ import annotations
