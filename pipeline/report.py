@@ -155,6 +155,33 @@ def list_screening(config: SiteConfig, unreadable: list[dict[str, str]]) -> list
     return sorted(found, key=lambda item: (item["arrived"], item["name"]))
 
 
+def list_recording(config: SiteConfig, above: int) -> list[dict[str, Any]]:
+    """Files that left `intake/` for their run's place (`spool/<id>/<name>`, `rejected/<id>-<name>`) in a run the
+    journal has not committed yet: ids above `above`, the last run id read after the intake was listed.
+
+    The intake moves a file to its place inside the transaction that records its run (a run never exists
+    without its file); for the instant of the commit the file is neither being screened nor a run, and in a
+    flood on a busy disk that instant is long enough for `status` to miss it. Listed with the moment it moved.
+    """
+    state = config.paths.state
+    found: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError):
+        for folder in os.scandir(state / "spool"):
+            if folder.name.isdigit() and int(folder.name) > above:
+                with contextlib.suppress(OSError):
+                    for entry in os.scandir(folder.path):
+                        found.append({"name": entry.name, "arrived": entry.stat(follow_symlinks=False).st_ctime,
+                                      "run": int(folder.name)})
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(state / "rejected"):
+            number, dash, name = entry.name.partition("-")
+            if dash and number.isdigit() and int(number) > above and not name.endswith(".reason"):
+                with contextlib.suppress(OSError):
+                    found.append({"name": name, "arrived": entry.stat(follow_symlinks=False).st_ctime,
+                                  "run": int(number)})
+    return found
+
+
 def _installed(config: SiteConfig, unreadable: list[dict[str, str]]) -> str | None:
     root = config.platform.root
     version = installed_version(root)
@@ -208,6 +235,7 @@ def status_dict(
     result.update(_unattended(config, journal, moment, running=result["daemon"]["running"]))
     if journal is None:
         return result
+    committed = journal.last_run_id()  # read after the intake was listed, before the runs are
     result["gate"] = journal.gate()
     active = journal.unfinished()
     blocking = journal.blocking()
@@ -230,6 +258,9 @@ def status_dict(
         for r in start_order(journal.queued())
     ]
     result["blocked_by"] = [{"id": r.id, "outcome": r.outcome, "error": r.error} for r in blocking]
+    queued_ids = {item["id"] for item in result["queued"]}
+    recording = [item for item in list_recording(config, committed) if item["run"] not in queued_ids]
+    result["screening"] = sorted(result["screening"] + recording, key=lambda item: (item["arrived"], item["name"]))
     return result
 
 

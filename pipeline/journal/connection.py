@@ -169,6 +169,11 @@ class Journal:
         """Newest first."""
         return [self._run_of(row) for row in self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,))]
 
+    def last_run_id(self) -> int:
+        """The highest run id committed (0: none yet)."""
+        rows = self._query("SELECT MAX(id) AS top FROM runs")
+        return int(rows[0]["top"] or 0) if rows else 0
+
     def queued(self) -> list[Run]:
         """Runs still to do, in arrival order."""
         rows = self._query("SELECT * FROM runs WHERE outcome IS NULL AND step = 'queued' ORDER BY id")

@@ -87,9 +87,13 @@ def test_a_file_placed_by_a_transaction_that_never_committed_is_screened_again(s
     rejected.mkdir(parents=True)
     (rejected / "4-refused.tgz").write_bytes(b"set aside, never committed")
     (rejected / "4-refused.tgz.reason").write_text("a reason that was never recorded\n")
+    # (the state a reader meets for the instant of every commit: status shows them, they are never invisible)
+    screening = site.status()["screening"]
+    assert sorted((item["name"], item["run"]) for item in screening) == [("refused.tgz", 4), ("spooled.bin", 4)]
     # When the daemon starts
     site.start_daemon()
     runs = finished_runs(site, 5)
+    assert site.status()["screening"] == []
     # Then both are runs now, with their bytes, under ids the journal knows
     new = {str(run["archive"]): run for run in runs if int(str(run["id"])) > 3}
     assert set(new) == {"spooled.bin", "refused.tgz"}
