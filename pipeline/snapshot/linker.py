@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -42,6 +43,8 @@ ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: 
 if os.getppid() != int(sys.argv[1]):
     sys.exit(0)  # the daemon died before the line above
 inp, out = sys.stdin.buffer, sys.stdout.buffer
+out.write(b"R")  # ready
+out.flush()
 REFUSED = (errno.ENOENT, errno.ENOTDIR, errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ELOOP)
 FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def exact(n):
@@ -88,6 +91,7 @@ while True:
     out.flush()
 """
 
+START_SECONDS = 10.0
 REFUSED = -1  # not linked: the previous copy is gone or not as recorded; copy the file instead
 
 class LinkHelper:
@@ -101,12 +105,24 @@ class LinkHelper:
             stderr=subprocess.DEVNULL,
             close_fds=True,
         )
+        self._ready()
         self._pending: dict[int, Future[list[int]]] = {}
         self._ended: OSError | None = None  # the helper stopped: every batch from then on fails with this
         self._lock = threading.Lock()
         self._batches = 0
         self._reader = threading.Thread(target=self._read, name="snapshot-links", daemon=True)
         self._reader.start()
+
+    def _ready(self) -> None:
+        """Wait for the helper's first byte; OSError (the walk then links by itself) if it does not come."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], START_SECONDS)
+        if ready and stdout.read(1) == b"R":
+            return
+        self._process.kill()
+        self._process.wait()
+        raise OSError(errno.ECHILD, f"the snapshot's link helper did not start within {START_SECONDS:g} s")
 
     def submit(
         self, previous_folder: str, folder: str, names: Sequence[str], expected: Sequence[int]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -46,6 +47,8 @@ from pipeline.snapshot.tree import (
     walk_tree,
 )
 from pipeline.snapshot.verify import verify_snapshot
+
+log = logging.getLogger(__name__)
 
 
 def take_snapshot(
@@ -338,8 +341,9 @@ def _fill(
     if prev.file_count >= _LINK_HELPER_FILES:
         try:
             helper = LinkHelper()
-        except OSError:
-            helper = None  # no process to be had: the walk links them itself
+        except OSError as error:
+            log.warning("snapshot: %s; the walk links the unchanged files itself", error.strerror)
+            helper = None
     counts = dict.fromkeys(
         ("files", "dirs", "bytes", "new_files", "new_bytes", "shared_files", "changing_files", "vanished_files"), 0
     )

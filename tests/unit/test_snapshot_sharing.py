@@ -22,6 +22,7 @@ import pytest
 
 from pipeline import snapshot
 from pipeline.errors import NoSpace, SnapshotError, StepAborted
+from pipeline.snapshot import linker as link_helper
 from pipeline.snapshot import (
     read_manifest,
     restore_snapshot,
@@ -543,3 +544,22 @@ def test_a_helper_killed_mid_snapshot_fails_it_cleanly_and_the_next_one_succeeds
     info = take_snapshot([live], backups / "2", backups / "1", run_id=2)
     assert info.shared_files == 3000
     assert verify_snapshot(backups / "2") == []
+
+
+@pytest.mark.parametrize("helper_code", ["import sys; sys.exit(1)", "import time; time.sleep(60)"])
+def test_a_link_helper_that_cannot_start_leaves_the_linking_to_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, helper_code: str
+) -> None:
+    """A helper that dies at once (a sandbox refusing it) or never answers (0.5 s here): the walk links."""
+    live, backups = tmp_path / "data", tmp_path / "b"
+    big_tree(live, 2500)
+    take_snapshot([live], backups / "1", run_id=1, now=lambda: time.time() + 10)
+    monkeypatch.setattr(link_helper, "HELPER", helper_code)
+    monkeypatch.setattr(link_helper, "START_SECONDS", 0.5)
+
+    info = take_snapshot([live], backups / "2", backups / "1", run_id=2)
+
+    assert info.shared_files == 2500
+    assert verify_snapshot(backups / "2") == []
+    assert "the snapshot's link helper did not start" in caplog.text
+    assert _helpers() == []
