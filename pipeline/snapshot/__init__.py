@@ -40,10 +40,11 @@ rename), extra entries are removed, names of one file are linked again, and
 modes, owners and mtimes are set back.
 
 The package, by responsibility: `layout` (names), `tree` (walk, metadata, hashes),
-`manifest` (reading it; the previous snapshot's files), `catalog` (summaries,
+`manifest` (reading and writing it; the previous snapshot's files), `catalog` (summaries,
 listing, pruning), `space` (estimates, a full disk), `progress` (reporting,
 stopping), `copier` (one file), `linker` (the helper process that links a large
-snapshot's unchanged files), `take`, `verify`, `restore`.
+snapshot's unchanged files), `places` (what holds its place in the manifest while
+it is copied or linked), `take`, `verify`, `restore`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The manifest: reading it, and the previous snapshot's files as the next snapshot consults them."""
+"""The manifest: reading it, writing it, and the previous snapshot's files as the next snapshot consults them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from pipeline.errors import SnapshotError
 from pipeline.snapshot.catalog import read_summary
-from pipeline.snapshot.layout import DATA, FORMAT, MANIFEST, SUMMARY
+from pipeline.snapshot.layout import BUFFER, DATA, FORMAT, MANIFEST, SUMMARY
 from pipeline.snapshot.tree import file_sha256, mode_text
 
 
@@ -320,3 +321,63 @@ class Previous:
         if base is None:
             base = self._bases[source] = os.path.join(self.path or "", DATA, self.names[source])
         return base if rel == "." else f"{base}/{rel}"
+
+
+class ManifestWriter:
+    """The manifest being written: lines in walk order, written out in large pieces, synced at the end.
+
+    It numbers its lines as `iter_manifest_lines` does (the header is line 1), keeps the
+    lines whose entry was checked where it landed (`placed`), and hashes
+    the bytes it writes: the manifest read back must be exactly those (`check_written`).
+    """
+
+    def __init__(self, path: Path, translate: Callable[[OSError, str, Path, int], SnapshotError]) -> None:
+        self.path = path
+        self._translate = translate
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._parts: list[str] = []
+        self._pending = 0
+        self._lines = 0
+        self._written = hashlib.sha256()
+        self.placed = Placed()
+
+    def add(self, line: str, placed_in: str | None = None) -> None:
+        """Append `line`; `placed_in`: the folder of its entry, if that was checked where it landed."""
+        self._lines += 1
+        if placed_in is not None:
+            self.placed.add(self._lines, placed_in)
+        self._parts.append(line)
+        self._pending += len(line)
+        if self._pending >= BUFFER:
+            self.flush()
+
+    def check_written(self, on_disk: str) -> None:
+        """SnapshotError unless `on_disk` (the SHA-256 of the manifest read back) is that of the bytes written."""
+        if on_disk != self._written.hexdigest():
+            raise SnapshotError(f"{self.path}: the manifest read back differs from what was written")
+
+    def flush(self) -> None:
+        data = memoryview("".join(self._parts).encode("utf-8"))
+        self._written.update(data)
+        self._parts, self._pending = [], 0
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as error:
+            raise self._translate(
+                error, f"writing the snapshot's manifest {self.path}", self.path, len(data)
+            ) from error
+
+    def close(self) -> None:
+        """Write what is left and sync it (the summary's checksum is taken from what is on disk)."""
+        self.flush()
+        try:
+            os.fsync(self._fd)
+        except OSError as error:
+            raise self._translate(error, f"writing the snapshot's manifest {self.path}", self.path, 0) from error
+        self.abandon()
+
+    def abandon(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -10,14 +9,13 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import NoSpace, SnapshotError
 from pipeline.snapshot.catalog import SnapshotInfo, read_summary, write_json_atomic
-from pipeline.snapshot.copier import Copied, Copier, Sharer, link_previous
+from pipeline.snapshot.copier import Copied, Copier, Sharer
 from pipeline.snapshot.layout import (
     BLOCK,
     BUFFER,
@@ -31,7 +29,17 @@ from pipeline.snapshot.layout import (
     root_names,
 )
 from pipeline.snapshot.linker import REFUSED, LinkHelper
-from pipeline.snapshot.manifest import Match, Placed, Previous, encode_entry
+from pipeline.snapshot.manifest import ManifestWriter, Placed, Previous, encode_entry
+from pipeline.snapshot.places import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    LINK_BATCH,
+    Copy,
+    InFlight,
+    Linking,
+    copy_files,
+    shared_line,
+)
 from pipeline.snapshot.progress import Checkpoint, DumpWriter, Progress, Throttle, no_checkpoint, no_progress
 from pipeline.snapshot.space import Space, Tally, disk_error, estimate_with, probe_space, refusal
 from pipeline.snapshot.tree import (
@@ -49,6 +57,8 @@ from pipeline.snapshot.tree import (
 from pipeline.snapshot.verify import verify_snapshot
 
 log = logging.getLogger(__name__)
+
+_LINK_HELPER_FILES = 2000  # a previous snapshot with fewer files is linked by the walk itself
 
 
 def take_snapshot(
@@ -167,142 +177,6 @@ def _check_verified(dest: Path, problems: Sequence[str]) -> None:
         raise SnapshotError(f"the snapshot {dest} failed verification: {problems[0]}{more}")
 
 
-class _ManifestFile:
-    """The manifest being written: lines in walk order, written out in large pieces, synced at the end.
-
-    It numbers its lines as `iter_manifest_lines` does (the header is line 1), keeps the
-    lines whose entry was checked where it landed (`placed`), and hashes
-    the bytes it writes: the manifest read back must be exactly those (`check_written`).
-    """
-
-    def __init__(self, path: Path, translate: Callable[[OSError, str, Path, int], SnapshotError]) -> None:
-        self.path = path
-        self._translate = translate
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        self._parts: list[str] = []
-        self._pending = 0
-        self._lines = 0
-        self._written = hashlib.sha256()
-        self.placed = Placed()
-
-    def add(self, line: str, placed_in: str | None = None) -> None:
-        """Append `line`; `placed_in`: the folder of its entry, if that was checked where it landed."""
-        self._lines += 1
-        if placed_in is not None:
-            self.placed.add(self._lines, placed_in)
-        self._parts.append(line)
-        self._pending += len(line)
-        if self._pending >= BUFFER:
-            self.flush()
-
-    def check_written(self, on_disk: str) -> None:
-        """SnapshotError unless `on_disk` (the SHA-256 of the manifest read back) is that of the bytes written."""
-        if on_disk != self._written.hexdigest():
-            raise SnapshotError(f"{self.path}: the manifest read back differs from what was written")
-
-    def flush(self) -> None:
-        data = memoryview("".join(self._parts).encode("utf-8"))
-        self._written.update(data)
-        self._parts, self._pending = [], 0
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError as error:
-            raise self._translate(
-                error, f"writing the snapshot's manifest {self.path}", self.path, len(data)
-            ) from error
-
-    def close(self) -> None:
-        """Write what is left and sync it (the summary's checksum is taken from what is on disk)."""
-        self.flush()
-        try:
-            os.fsync(self._fd)
-        except OSError as error:
-            raise self._translate(error, f"writing the snapshot's manifest {self.path}", self.path, 0) from error
-        self.abandon()
-
-    def abandon(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-@dataclass
-class _Copy:
-    """One file to copy (or, if racy, to compare first): its manifest entry so far and where it goes."""
-
-    entry: dict[str, Any]
-    src: str
-    dst: str
-    previous_copy: str | None  # racy: the previous copy, linked if the live bytes are those it holds
-    match: Match | None
-    size: int  # the size the walk saw
-    renamed: bool  # the data path had another folder name in the previous snapshot
-
-
-@dataclass
-class _InFlight:
-    """Files copied together on the pool (one large file, or small ones of a folder): they hold their
-    place among the manifest lines. Not submitted while it may still grow."""
-
-    files: list[_Copy]
-    bytes: int
-    future: Future[list[Copied | OSError | None]] | None = None
-
-
-@dataclass(slots=True)
-class _Linking:
-    """Unchanged files of one folder, linked by the helper process (`linker`): they hold their place among
-    the manifest lines. Not submitted while the walk may still add files of the folder."""
-
-    root: str  # the data path's name in this snapshot
-    renamed: bool
-    source: str  # the live data path, and where its copy goes
-    base: str
-    folder: str  # relative to the data path ("": its top)
-    files: list[tuple[str, int, Match]]  # name, size, previous record
-    future: Future[list[int]] | None = None
-
-    def path(self, name: str) -> str:
-        return f"{self.folder}/{name}" if self.folder else name
-
-
-_BATCH_FILES, _BATCH_BYTES = 64, 4 << 20  # small files copied by one task (the pool's cost is per task)
-_LINK_BATCH = 512  # unchanged files of a folder sent to the link helper in one message
-_LINK_HELPER_FILES = 2000  # a previous snapshot with fewer files is linked by the walk itself
-
-
-def _copy_files(copier: Copier, files: Sequence[_Copy], owner: bool) -> list[Copied | OSError | None]:
-    """Copy each file (or link it, if racy and unchanged); per file the copy, None (linked) or its error."""
-    results: list[Copied | OSError | None] = []
-    for item in files:
-        try:
-            if item.match is not None:
-                results.append(_share_if_same(copier, item, owner))
-            else:
-                results.append(copier.copy(item.src, item.dst, owner))
-        except OSError as error:
-            results.append(error)
-    return results
-
-
-def _share_if_same(copier: Copier, item: _Copy, owner: bool) -> Copied | None:
-    """A racy file: link the previous copy if the live bytes still hash to what it holds, else copy."""
-    assert item.match is not None and item.previous_copy is not None
-    src, dst, entry, previous_copy = item.src, item.dst, item.match.entry, item.previous_copy
-    same = file_sha256(src) == entry.get("sha256")
-    info = os.lstat(src)
-    unchanged = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino) == (
-        entry.get("size"),
-        entry.get("mtime_ns"),
-        entry.get("src_ctime_ns"),
-        entry.get("src_ino"),
-    )
-    if same and unchanged and link_previous(previous_copy, dst, item.match.holds):
-        return None
-    return copier.copy(src, dst, owner)
-
-
 def _fill(
     sources: Sequence[Path],
     *,
@@ -351,7 +225,7 @@ def _fill(
     pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="snapshot")
     # Manifest lines in walk order (each with its folder if its entry was checked where it landed), and copies
     # holding their place.
-    window: deque[tuple[str, str | None] | _InFlight | _Linking] = deque()
+    window: deque[tuple[str, str | None] | InFlight | Linking] = deque()
     in_flight = 0
     limit, most = 64, 4096  # copies in flight; lines waiting behind the oldest copy
     backups = partial.parent
@@ -361,12 +235,12 @@ def _fill(
         left = max(0, throttle.expected - throttle.done) + this_file
         return disk_error(error, backups=backups, doing=what, path=path, still_to_write=left, space=space)
 
-    manifest = _ManifestFile(partial / MANIFEST, translate)
+    manifest = ManifestWriter(partial / MANIFEST, translate)
     tally, short = Tally(dump_hint), False  # with a guard: what the snapshot needs so far; over it: stop writing
 
-    def submit(batch: _InFlight | _Linking) -> None:
-        if isinstance(batch, _InFlight):
-            batch.future = pool.submit(_copy_files, copier, batch.files, owner)
+    def submit(batch: InFlight | Linking) -> None:
+        if isinstance(batch, InFlight):
+            batch.future = pool.submit(copy_files, copier, batch.files, owner)
             return
         assert helper is not None
         top = prev.copy_of(batch.source, ".")
@@ -375,18 +249,18 @@ def _fill(
         previous_folder = f"{top}/{batch.folder}" if batch.folder else top
         batch.future = helper.submit(previous_folder, folder, [name for name, _, _ in batch.files], expected)
 
-    def settle_links(batch: _Linking, codes: Sequence[int]) -> None:
+    def settle_links(batch: Linking, codes: Sequence[int]) -> None:
         """The helper's answers, in walk order: a linked file's line as it was; any other, copied here."""
         placed_in = entry_folder(batch.root, batch.path("x"))
         for (name, size, match), code in zip(batch.files, codes, strict=True):
             if code == 0:
-                manifest.add(_shared_line(match, batch.root, renamed=batch.renamed), placed_in)
+                manifest.add(shared_line(match, batch.root, renamed=batch.renamed), placed_in)
                 counts["shared_files"] += 1
                 counts["bytes"] += size
                 throttle.add(size)
                 continue
             rel = batch.path(name)
-            item = _Copy({"root": batch.root, "path": rel, "type": "file"}, f"{batch.source}/{rel}",
+            item = Copy({"root": batch.root, "path": rel, "type": "file"}, f"{batch.source}/{rel}",
                          f"{batch.base}/{rel}", None, None, size, batch.renamed)
             if code != REFUSED:
                 settle_one(item, OSError(code, os.strerror(code), item.dst))
@@ -406,7 +280,7 @@ def _fill(
                 window.popleft()
                 continue
             if head.future is None:
-                if isinstance(head, _Linking) and head is window[-1] and not block:
+                if isinstance(head, Linking) and head is window[-1] and not block:
                     return  # the walk may still add files of this folder
                 submit(head)
             assert head.future is not None
@@ -414,13 +288,13 @@ def _fill(
                 return
             window.popleft()
             in_flight -= 1
-            if isinstance(head, _Linking):
+            if isinstance(head, Linking):
                 settle_links(head, head.future.result())
                 continue
             for item, copied in zip(head.files, head.future.result(), strict=True):
                 settle_one(item, copied)
 
-    def settle_one(item: _Copy, copied: Copied | OSError | None) -> None:
+    def settle_one(item: Copy, copied: Copied | OSError | None) -> None:
         if isinstance(copied, (FileNotFoundError, NotADirectoryError)) and copied.filename == item.src:
             counts["vanished_files"] += 1  # removed by the platform since the walk saw it, or its folder was
             counts["files"] -= 1
@@ -430,7 +304,7 @@ def _fill(
         entry = item.entry
         if copied is None:
             assert item.match is not None
-            line = _shared_line(item.match, entry["root"], renamed=item.renamed)
+            line = shared_line(item.match, entry["root"], renamed=item.renamed)
             manifest.add(line, entry_folder(entry["root"], entry["path"]))
             counts["shared_files"] += 1
             counts["bytes"] += item.size
@@ -499,24 +373,24 @@ def _fill(
                             folder, _, file_name = rel.rpartition("/")
                             last = window[-1] if window else None
                             if (
-                                isinstance(last, _Linking)
+                                isinstance(last, Linking)
                                 and last.future is None
                                 and last.folder == folder
-                                and len(last.files) < _LINK_BATCH
+                                and len(last.files) < LINK_BATCH
                             ):
                                 last.files.append((file_name, info.st_size, match))
                                 continue
-                            if isinstance(last, (_InFlight, _Linking)) and last.future is None:
+                            if isinstance(last, (InFlight, Linking)) and last.future is None:
                                 submit(last)
                             window.append(
-                                _Linking(name, renamed, source, base, folder, [(file_name, info.st_size, match)])
+                                Linking(name, renamed, source, base, folder, [(file_name, info.st_size, match)])
                             )
                             in_flight += 1
                             settle(block=False)
                             continue
                         if match is not None and not match.racy:
                             if sharer.link(prev.copy_of(source, rel), dst, match.holds):
-                                line, folder = _shared_line(match, name, renamed=renamed), entry_folder(name, rel)
+                                line, folder = shared_line(match, name, renamed=renamed), entry_folder(name, rel)
                                 if window:
                                     push(line, folder)
                                     settle(block=False)
@@ -527,7 +401,7 @@ def _fill(
                                 throttle.add(info.st_size)
                                 continue
                             match = None
-                        item = _Copy(
+                        item = Copy(
                             {"root": name, "path": rel, "type": kind},
                             src,
                             dst,
@@ -538,19 +412,19 @@ def _fill(
                         )
                         last = window[-1] if window else None
                         if (
-                            isinstance(last, _InFlight)
+                            isinstance(last, InFlight)
                             and last.future is None
                             and match is None
-                            and info.st_size < _BATCH_BYTES
-                            and last.bytes + info.st_size <= _BATCH_BYTES
-                            and len(last.files) < _BATCH_FILES
+                            and info.st_size < BATCH_BYTES
+                            and last.bytes + info.st_size <= BATCH_BYTES
+                            and len(last.files) < BATCH_FILES
                         ):
                             last.files.append(item)  # a small file joins the batch just before it
                             last.bytes += info.st_size
                         else:
-                            if isinstance(last, (_InFlight, _Linking)) and last.future is None:
+                            if isinstance(last, (InFlight, Linking)) and last.future is None:
                                 submit(last)
-                            window.append(_InFlight([item], info.st_size))
+                            window.append(InFlight([item], info.st_size))
                             in_flight += 1
                     elif kind == "dir":
                         os.mkdir(dst, 0o700)
@@ -632,18 +506,11 @@ def _fill(
     return summary, manifest.placed
 
 
-def _shared_line(match: Match, root: str, *, renamed: bool) -> str:
-    """The manifest line of a shared file: the previous one as it was (re-encoded if the root was renamed)."""
-    if not renamed and match.line.endswith("\n"):
-        return match.line
-    return encode_entry({**match.entry, "root": root})
-
-
 def _run_dumps(
     partial: Path,
     dumps: Sequence[tuple[str, DumpWriter]],
     *,
-    manifest: _ManifestFile,
+    manifest: ManifestWriter,
     checkpoint: Checkpoint,
     throttle: Throttle,
     space: Callable[[Path], Space],
