@@ -8,7 +8,6 @@ a restart) and records what a Prometheus server would have seen.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -50,7 +49,12 @@ class Sampler:
             text = self.site.metrics_text()
             if text is not None:
                 self.samples.append(parse(text))
-            time.sleep(0.05)
+            self.stop.wait(0.05)
+
+    def more(self, scrapes: int) -> None:
+        """Return once `scrapes` more scrapes were taken (what is seen after a moment, read as it happened)."""
+        wanted = len(self.samples) + scrapes
+        wait_for(lambda: len(self.samples) >= wanted, timeout=30, what=f"{scrapes} more scrapes")
 
     def gates(self) -> list[str]:
         """The gate states seen, consecutive repeats collapsed."""
@@ -99,7 +103,7 @@ def test_the_gate_goes_back_to_idle_after_a_successful_run(site: Site) -> None:
         assert site.wait_outcome(1)["outcome"] == "succeeded"
         # Then the gate reads idle again (it stayed busy after every success)
         wait_gate(site, "idle")
-        time.sleep(0.3)  # a few more scrapes: it must stay idle
+        sampler.more(5)  # a few more scrapes: it must stay idle
     assert sampler.gates() == ["idle", "busy", "idle"]
     assert site.metric("dropgate_blocked") == 0.0
     assert site.metric("dropgate_runs_total", 'outcome="succeeded"') == 1.0
@@ -194,7 +198,7 @@ def test_progress_in_apply_never_goes_back_and_a_migration_fills_only_its_share(
     # When it is applied
     site.drop(archive)
     assert site.wait_outcome(1)["outcome"] == "succeeded"
-    time.sleep(0.2)
+    sampler.more(3)
     # Then the progress seen during apply only ever rose
     seen = sampler.progress_in("apply")
     assert seen, sampler.samples[-5:]
