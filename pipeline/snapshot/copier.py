@@ -353,6 +353,7 @@ def _refused(error: OSError) -> bool:
         errno.EMLINK,
         errno.EXDEV,
         errno.EPERM,
+        errno.ELOOP,  # a folder of the previous snapshot replaced by a link: not followed
     )
 
 
@@ -395,7 +396,7 @@ class Sharer:
         try:
             source_fd = os.open(previous_folder, self._FOLDER)
         except OSError as error:
-            if not _refused(error) and error.errno != errno.ELOOP:
+            if not _refused(error):
                 os.close(fd)
                 raise
             source_fd = -1

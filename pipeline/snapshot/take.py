@@ -243,15 +243,14 @@ def _fill(
             batch.future = pool.submit(copy_files, copier, batch.files, owner)
             return
         assert helper is not None
-        top = prev.copy_of(batch.source, ".")
+        previous_folder = prev.copy_of(batch.source, batch.folder or ".")
         folder = f"{batch.base}/{batch.folder}" if batch.folder else batch.base
         expected = [number for _name, _size, match in batch.files for number in match.expected]
-        previous_folder = f"{top}/{batch.folder}" if batch.folder else top
         batch.future = helper.submit(previous_folder, folder, [name for name, _, _ in batch.files], expected)
 
     def settle_links(batch: Linking, codes: Sequence[int]) -> None:
         """The helper's answers, in walk order: a linked file's line as it was; any other, copied here."""
-        placed_in = entry_folder(batch.root, batch.path("x"))
+        placed_in = entry_folder(batch.root, batch.path(batch.files[0][0]))  # one folder for the batch
         for (name, size, match), code in zip(batch.files, codes, strict=True):
             if code == 0:
                 manifest.add(shared_line(match, batch.root, renamed=batch.renamed), placed_in)
